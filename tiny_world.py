@@ -1,0 +1,159 @@
+"""The tiny built-in model: a toy image world and the pretraining that produced tiny_model/.
+
+DDPO fine-tunes a *pretrained* model: RL only reweights what the model can already draw. A randomly
+initialised model's images hardly differ in JPEG size, so the RL has no signal to work with. So the built-in
+model is first pretrained, with the ordinary DDPM loss (ddpo.ddpm_loss, the same loss RWR uses), on
+procedurally drawn 32x32 images:
+  - each prompt picks a palette and a shape (a hash of the prompt), so guidance and per-prompt
+    advantages mean something;
+  - each sample draws a background texture at random, from flat to fine stripes. That gives the JPEG size the
+    spread that compressibility / incompressibility fine-tuning then pushes one way or the other.
+
+Normal use never runs this file: tiny_model/ ships with the repository. To rebuild it exactly (about 25
+minutes on 2 CPU cores):
+
+    python tiny_world.py --steps 3000 --seed 0 --out tiny_model
+"""
+import argparse
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import ddpo
+
+SIZE = 32
+PALETTES = [  # (background, shape) colours in [0, 1]
+    ((0.95, 0.90, 0.75), (0.80, 0.15, 0.10)), ((0.15, 0.25, 0.55), (0.95, 0.80, 0.20)),
+    ((0.20, 0.50, 0.25), (0.95, 0.95, 0.95)), ((0.85, 0.85, 0.90), (0.10, 0.10, 0.15)),
+    ((0.60, 0.20, 0.50), (0.40, 0.90, 0.80)), ((0.95, 0.60, 0.20), (0.15, 0.35, 0.80)),
+    ((0.10, 0.10, 0.10), (0.90, 0.40, 0.60)), ((0.55, 0.75, 0.95), (0.35, 0.20, 0.10)),
+]
+SHAPES = ("circle", "square", "triangle")
+
+
+def prompt_attributes(prompt, rng):
+    """What the prompt fixes: (palette, shape). The empty prompt (unconditional) draws them at random."""
+    if not prompt:
+        return int(rng.integers(len(PALETTES))), int(rng.integers(len(SHAPES)))
+    h = zlib.crc32(prompt.lower().encode())
+    return h % len(PALETTES), (h // len(PALETTES)) % len(SHAPES)
+
+
+def draw(prompt, rng):
+    """One toy image for a prompt, (3, 32, 32) in [-1, 1] like the model's pixel space."""
+    palette, shape = prompt_attributes(prompt, rng)
+    bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in PALETTES[palette])
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    # the background texture varies per sample: flat (a third of the time) or stripes of random period/angle
+    amplitude = 0.0 if rng.random() < 1 / 3 else rng.uniform(0.1, 0.45)
+    period, angle = rng.uniform(2.0, 12.0), rng.uniform(0, np.pi)
+    stripes = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+    image = np.clip(bg * (1 + amplitude * stripes), 0, 1)
+    cy, cx, r = rng.uniform(11, 21), rng.uniform(11, 21), rng.uniform(6, 10)
+    if SHAPES[shape] == "circle":
+        mask = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
+    elif SHAPES[shape] == "square":
+        mask = (np.abs(y - cy) <= r * 0.85) & (np.abs(x - cx) <= r * 0.85)
+    else:  # triangle pointing up
+        mask = (y <= cy + r * 0.8) & (np.abs(x - cx) <= (y - (cy - r)) * 0.6)
+    image = np.where(mask[None], fg, image)
+    return (image * 2 - 1).astype(np.float32)
+
+
+def all_prompts():
+    """Every prompt the project ships (the held-out sets too: pretraining is the 'internet-scale' stage;
+    generalisation is about the RL fine-tuning, which never sees them)."""
+    names = [p.stem for p in sorted(ddpo.PROMPTS.glob("*.txt"))] + sorted(ddpo.PROMPT_SETS)
+    return sorted({p for name in names for p in ddpo.load_prompts(name)})
+
+
+def build_tokenizer(prompts, max_length=16):
+    """A word-level tokenizer over the prompts' words, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(prompts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", tok.token_to_id("[BOS]")), ("[EOS]", tok.token_to_id("[EOS]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                   unk_token="[UNK]", model_max_length=max_length)
+
+
+def build_models(tokenizer):
+    """Random-init tiny UNet (≈1.4M parameters, cross-attention at 8x8), CLIP text encoder, SD-v1 DDIM scheduler."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    # Stable Diffusion v1's scheduler configuration
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return ddpo.Models(unet, text_encoder, tokenizer, scheduler, vae=None, device="cpu")
+
+
+def save_models(models, out):
+    out = Path(out)
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        getattr(models, name).save_pretrained(out / name)
+    index = {"_class_name": "DDPOTinyPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    prompts = all_prompts()
+    models = build_models(build_tokenizer(prompts))
+    params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
+    models.text_encoder.train()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(100, steps // 10), num_training_steps=steps)
+    ema = EMAModel(params, decay=0.999)  # averaged weights sample much cleaner after a short training
+    print(f"{len(prompts)} prompts, vocabulary {len(models.tokenizer)}, "
+          f"UNet {sum(p.numel() for p in models.unet.parameters()):,} parameters")
+    bar = tqdm(range(steps), desc="pretraining")
+    for step in bar:
+        batch = [("" if rng.random() < p_uncond else prompts[rng.integers(len(prompts))]) for _ in range(batch_size)]
+        x0 = torch.from_numpy(np.stack([draw(p, rng) for p in batch]))
+        tok = models.tokenizer(batch, padding="max_length", max_length=models.tokenizer.model_max_length, return_tensors="pt")
+        loss = ddpo.ddpm_loss(models, x0, models.text_encoder(tok.input_ids)[0], generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to(params)
+    save_models(models, out)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Pretrain the tiny built-in model on the toy world.")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps of batch 64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="tiny_model", help="output folder (diffusers save_pretrained layout)")
+    a = p.parse_args()
+    pretrain(a.steps, a.seed, a.out)
