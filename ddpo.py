@@ -181,9 +181,14 @@ class Models:
 
 def load_models(name, device) -> Models:
     """Load a diffusers-format folder or hub id: unet, text_encoder, tokenizer, scheduler (+ vae if listed)."""
+    import diffusers
+    import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    for lib in (diffusers, transformers):  # our own progress bars and errors are the ones that matter
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
     path = str(TINY_MODEL if name == "tiny" else name)
     try:
         components = DiffusionPipeline.load_config(path)  # model_index.json
@@ -270,3 +275,345 @@ def load_prompts(spec):
         names = sorted([p.stem for p in PROMPTS.glob("*.txt")] + list(PROMPT_SETS))
         fail(f"prompt file or set {spec!r} does not exist; known sets: {', '.join(names)}")
     return read_prompt_file(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The MDP (paper §4.3): s_t = (c, t, x_t), a_t = x_{t-1}, π(a_t | s_t) = p_θ(x_{t-1} | x_t, c), R = r(x_0, c) at t=0
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Trajectories:
+    prompts: list  # c, B strings
+    cond: torch.Tensor  # c as the UNet sees it, (B, L, D)
+    states: torch.Tensor  # x_T … x_0, (B, T+1, C, H, W): s_t = (c, timesteps[j], states[:, j]), a_t = states[:, j+1]
+    timesteps: torch.Tensor  # t of each step j, (T,)
+    log_probs: torch.Tensor  # log π(a_t | s_t) under the sampling policy θ_old, (B, T)
+
+    @staticmethod
+    def cat(parts):
+        return Trajectories(sum((p.prompts for p in parts), []), *(torch.cat([getattr(p, f) for p in parts])
+                            for f in ("cond", "states")), parts[0].timesteps, torch.cat([p.log_probs for p in parts]))
+
+
+def policy(models, x_t, t, cond, uncond, guidance_scale, eta):
+    """π(· | s_t) = N(μ_θ(x_t, t, c), σ_t² I): guided noise prediction, then the DDIM step. Returns μ, σ_t.
+
+    Classifier-free guidance: ε̂ = ε_θ(x_t, t, ∅) + w (ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅)).
+    """
+    unet = models.unet
+    x_in = torch.cat([x_t, x_t]).to(unet.dtype)  # (2B, C, H, W): unconditional and conditional in one pass
+    eps_uncond, eps_cond = unet(x_in, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+    eps = eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
+    return ddim_step(models.scheduler, eps, x_t, t, eta)
+
+
+@torch.no_grad()
+def rollout(models, prompts, args, generator) -> Trajectories:
+    """Sample one trajectory per prompt: x_T ~ N(0, I), then T actions a_t = x_{t-1} ~ π(· | s_t)."""
+    models.scheduler.set_timesteps(args.num_steps)
+    cond = encode_prompts(models, prompts)
+    uncond = encode_prompts(models, [""]).expand_as(cond)
+    size = models.unet.config.sample_size
+    shape = (len(prompts), models.unet.config.in_channels, size, size)
+    x_t = torch.randn(shape, generator=generator).to(models.device)  # ρ_0: x_T ~ N(0, I)
+    states, log_probs = [x_t], []
+    for t in models.scheduler.timesteps:
+        t = t.expand(len(prompts)).to(models.device)
+        mean, sigma_t = policy(models, x_t, t, cond, uncond, args.guidance_scale, args.eta)
+        x_t = mean + sigma_t * torch.randn(shape, generator=generator).to(models.device)  # the action x_{t-1}
+        log_probs.append(gaussian_log_prob(x_t, mean, sigma_t))
+        states.append(x_t)
+    return Trajectories(list(prompts), cond, torch.stack(states, 1), models.scheduler.timesteps.clone(),
+                        torch.stack(log_probs, 1))
+
+
+def rescore(models, traj, rows, steps, uncond, args):
+    """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices `steps` (one per row), (b,)."""
+    mean, sigma_t = policy(models, traj.states[rows, steps], traj.timesteps[steps].to(models.device),
+                           traj.cond[rows], uncond[: len(rows)], args.guidance_scale, args.eta)
+    return gaussian_log_prob(traj.states[rows, steps + 1], mean, sigma_t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards and advantages (paper §4.4)
+# ----------------------------------------------------------------------------------------------------------
+
+def compute_rewards(name, images, prompts):
+    """r(x_0, c) for a batch; stops the run on a wrong shape or a non-finite value, naming the sample."""
+    r = torch.as_tensor(rewards_lib.REWARDS[name](images, prompts), dtype=torch.float32).cpu()
+    if r.shape != (len(prompts),):
+        fail(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
+    bad = torch.nonzero(~torch.isfinite(r)).flatten()
+    if len(bad):
+        i = bad[0].item()
+        fail(f"reward {name!r} returned {r[i].item()} for sample {i} (prompt {prompts[i]!r})")
+    return r
+
+
+class PerPromptStatTracker:
+    """Normalise each reward by the mean/std of the recent rewards of the *same prompt*.
+
+    A prompt with fewer than min_count rewards in its buffer is normalised with the batch's statistics.
+    """
+
+    def __init__(self, buffer_size, min_count):
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
+
+    def __call__(self, prompts, rewards):
+        rewards, prompts = np.asarray(rewards, dtype=np.float64), np.asarray(prompts)
+        advantages = np.empty_like(rewards)
+        for prompt in np.unique(prompts):
+            mine = prompts == prompt
+            buffer = self.buffers.setdefault(str(prompt), [])
+            buffer[:] = (buffer + rewards[mine].tolist())[-self.buffer_size:]
+            stats = np.array(buffer) if len(buffer) >= self.min_count else rewards
+            advantages[mine] = (rewards[mine] - stats.mean()) / (stats.std() + 1e-6)
+        return torch.tensor(advantages, dtype=torch.float32)
+
+
+def compute_advantages(tracker, prompts, rewards, args):
+    """A = normalised reward (per prompt, or over the batch), clipped to ±adv_clip."""
+    if args.advantage == "per-prompt":
+        advantages = tracker(prompts, rewards)
+    else:
+        advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+    return advantages.clamp(-args.adv_clip, args.adv_clip)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The four estimators
+# ----------------------------------------------------------------------------------------------------------
+
+def ddpo_sf_loss(log_prob, advantages):
+    """DDPO_SF (REINFORCE, §4.4): ∇ loss = −E[A ∇_θ log π_θ(x_{t-1} | x_t, c)]; data must come from the current θ."""
+    return -(advantages * log_prob).mean()
+
+
+def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
+    """DDPO_IS (§4.4): importance ratio p_θ/p_θold with PPO's clip. Returns loss, approx_kl, clipfrac."""
+    logratio = log_prob - old_log_prob
+    ratio = torch.exp(logratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = torch.max(pg_loss1, pg_loss2).mean()
+    with torch.no_grad():
+        approx_kl = 0.5 * (logratio**2).mean()
+        clipfrac = ((ratio - 1).abs() > clip_range).float().mean()
+    return loss, approx_kl, clipfrac
+
+
+def rwr_exponential_weights(advantages, beta):
+    """RWR (§4.2): w = exp(β A) / Z, with Z making the weights average 1 over the round."""
+    return torch.softmax(beta * advantages, dim=0) * len(advantages)
+
+
+def rwr_sparse_weights(rewards, threshold):
+    """Sparse RWR (§4.2, filtered finetuning): w = 1[r ≥ C], scaled so the loss is the mean over kept samples."""
+    keep = (rewards >= threshold).float()
+    return keep / keep.mean() if keep.any() else keep
+
+
+def rwr_loss(models, x0, cond, weights, generator):
+    """RWR: the DDPM loss on the model's own samples x_0, each weighted (one-step MDP: a = x_0)."""
+    return (weights * ddpm_loss(models, x0, cond, generator)).mean()
+
+
+def train_round(models, optimizer, traj, advantages, rewards, args, generator, uncond):
+    """One round of optimisation on the round's samples; returns the mean of each logged quantity.
+
+    Gradients accumulate over every trained timestep with one backward per timestep (memory does not grow
+    with T). Each step's loss is scaled by 1/n_timesteps: the paper's sum over t, divided by a constant.
+    """
+    B, T = traj.log_probs.shape
+    sf = args.algo == "sf"
+    n_minibatches, inner_epochs = (1, 1) if sf else (args.num_minibatches, args.inner_epochs)
+    n_timesteps = max(1, round(args.timestep_fraction * T))
+    if args.algo == "rwr":
+        weights = rwr_exponential_weights(advantages, args.rwr_beta)
+    elif args.algo == "rwr-sparse":
+        threshold = args.rwr_threshold if args.rwr_threshold is not None else torch.quantile(rewards, 0.9).item()
+        weights = rwr_sparse_weights(rewards, threshold)
+    advantages = advantages.to(models.device)
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    logs = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+    bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False)
+    for _ in range(inner_epochs):
+        # the timesteps each sample trains on, drawn per sample: (B, n_timesteps) step indices
+        steps = torch.stack([torch.randperm(T, generator=generator)[:n_timesteps] for _ in range(B)])
+        for minibatch in torch.randperm(B, generator=generator).chunk(n_minibatches):
+            optimizer.zero_grad(set_to_none=True)
+            for rows in minibatch.split(args.train_batch_size):
+                share = len(rows) / len(minibatch)  # chunks of a minibatch add up to its mean
+                if args.algo.startswith("rwr"):
+                    loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[rows].to(models.device), generator)
+                    (loss * share).backward()
+                    logs["loss"].append(loss.item())
+                    continue
+                for k in range(n_timesteps):
+                    log_prob = rescore(models, traj, rows, steps[rows, k], uncond, args)
+                    if sf:
+                        loss = ddpo_sf_loss(log_prob, advantages[rows])
+                    else:
+                        old = traj.log_probs[rows, steps[rows, k]]
+                        loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, advantages[rows], args.clip_range)
+                        logs["approx_kl"].append(approx_kl.item())
+                        logs["clipfrac"].append(clipfrac.item())
+                    (loss * share / n_timesteps).backward()
+                    logs["loss"].append(loss.item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                fail(f"non-finite gradient norm ({grad_norm.item()}) in {args.algo} training")
+            optimizer.step()
+            logs["grad_norm"].append(grad_norm.item())
+            bar.update()
+            bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
+    bar.close()
+    return {k: float(np.mean(v)) for k, v in logs.items() if v}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a run leaves behind: sample grids, metrics.jsonl, reward_curve.png, the fine-tuned model
+# ----------------------------------------------------------------------------------------------------------
+
+def sample(models, prompts, args, generator, batch_size, desc="sampling"):
+    """Rollouts for many prompts in batches; returns the trajectories and the decoded images."""
+    parts = [rollout(models, prompts[i:i + batch_size], args, generator)
+             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False)]
+    traj = Trajectories.cat(parts)
+    return traj, torch.cat([decode(models, p.states[:, -1]) for p in parts])
+
+
+def save_grid(images, captions, path, columns=4, cell=128):
+    """Images (B, 3, H, W) in [0, 1] as a captioned grid PNG (nearest-neighbour upscaling keeps pixels visible)."""
+    from PIL import Image, ImageDraw
+
+    pils = rewards_lib.to_pil(images)
+    rows = math.ceil(len(pils) / columns)
+    grid = Image.new("RGB", (columns * cell, rows * (cell + 14)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, caption) in enumerate(zip(pils, captions)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + 14)
+        grid.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + cell + 1), caption[: cell // 6], fill="black")
+    grid.save(path)
+
+
+def plot_reward_curve(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if "reward/mean" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        e, m, s = (np.array([h[k] for h in train]) for k in ("epoch", "reward/mean", "reward/std"))
+        ax.plot(e, m, label="training samples (mean ± std)")
+        ax.fill_between(e, m - s, m + s, alpha=0.2)
+    ax.plot([h["epoch"] for h in history], [h["eval/reward_mean"] for h in history], "o-", label="fixed eval samples")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_models(models, folder, index):
+    """Every component in diffusers' save_pretrained layout, written to a temp folder and renamed into place."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+        if getattr(models, name) is not None:
+            getattr(models, name).save_pretrained(tmp / name)
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: sample → reward → advantages → estimator, every epoch
+# ----------------------------------------------------------------------------------------------------------
+
+def describe(args, n_prompts):
+    """The batch arithmetic, printed at start-up."""
+    sf, rwr = args.algo == "sf", args.algo.startswith("rwr")
+    n_mb, inner = (1, 1) if sf else (args.num_minibatches, args.inner_epochs)
+    mb = args.samples_per_epoch // n_mb
+    n_t = max(1, round(args.timestep_fraction * args.num_steps))
+    name = {"sf": "DDPO_SF", "is": "DDPO_IS", "rwr": "RWR", "rwr-sparse": "RWR (sparse)"}[args.algo]
+    return "\n".join([
+        f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
+        f"sampling: {args.samples_per_epoch} samples per epoch = {args.samples_per_epoch // args.sample_batch_size} "
+        f"batches of {args.sample_batch_size}, {args.num_steps} DDIM steps (η={args.eta}, w={args.guidance_scale})",
+        f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
+        f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
+        + ("samples, one DDPM-loss pass each" if rwr else f"samples x {n_t} timesteps"),
+    ])
+
+
+def train(args):
+    prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
+    models = load_models(args.model, args.device)
+    from diffusers import DiffusionPipeline
+    index = DiffusionPipeline.load_config(str(TINY_MODEL if args.model == "tiny" else args.model))
+    run_dir = Path(args.out_dir) / args.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+    print(describe(args, len(prompt_set)))
+    print(f"writing to {run_dir}")
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    tracker = PerPromptStatTracker(args.buffer_size, args.min_count)
+    uncond = encode_prompts(models, [""]).expand(max(args.train_batch_size, 1), -1, -1)
+    history = []
+
+    def evaluate(epoch):
+        """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
+        _, images = sample(models, eval_prompts, args, torch.Generator().manual_seed(args.seed + 1), 8, "evaluating")
+        r = compute_rewards(args.reward, images, eval_prompts)
+        save_grid(images, [f"{v:.3g} {p}" for v, p in zip(r.tolist(), eval_prompts)], run_dir / f"grid_{epoch:03d}.png")
+        return r.mean().item()
+
+    history.append({"epoch": 0, "eval/reward_mean": evaluate(0)})
+    epochs = tqdm(range(1, args.epochs + 1), desc="epochs")
+    for epoch in epochs:
+        t0 = time.time()
+        prompts = rng.choices(prompt_set, k=args.samples_per_epoch)  # c ~ p(c)
+        traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
+        t1 = time.time()
+        r = compute_rewards(args.reward, images, prompts)
+        advantages = compute_advantages(tracker, prompts, r, args)
+        t2 = time.time()
+        logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond)
+        t3 = time.time()
+        row = {"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
+               "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
+               **{f"losses/{k}": v for k, v in logs.items()},
+               "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0}
+        history.append(row)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        plot_reward_curve(history, run_dir / "reward_curve.png")
+        epochs.set_postfix(reward=f"{row['reward/mean']:.4g}", eval=f"{row['eval/reward_mean']:.4g}")
+    save_models(models, run_dir / "model", index)
+    first, last = history[0]["eval/reward_mean"], history[-1]["eval/reward_mean"]
+    print(f"eval reward {first:.4g} → {last:.4g}; fine-tuned model: --model {run_dir / 'model'}")
+    return history
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

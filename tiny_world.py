@@ -15,7 +15,6 @@ minutes on 2 CPU cores):
     python tiny_world.py --steps 3000 --seed 0 --out tiny_model
 """
 import argparse
-import json
 import zlib
 from pathlib import Path
 
@@ -106,14 +105,9 @@ def build_models(tokenizer):
     return ddpo.Models(unet, text_encoder, tokenizer, scheduler, vae=None, device="cpu")
 
 
-def save_models(models, out):
-    out = Path(out)
-    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        getattr(models, name).save_pretrained(out / name)
-    index = {"_class_name": "DDPOTinyPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-             "scheduler": ["diffusers", "DDIMScheduler"]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+MODEL_INDEX = {"_class_name": "DDPOTinyPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+               "scheduler": ["diffusers", "DDIMScheduler"]}
 
 
 def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
@@ -146,7 +140,7 @@ def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
-    save_models(models, out)
+    ddpo.save_models(models, out, MODEL_INDEX)
     print(f"saved {out}")
 
 
