@@ -80,6 +80,13 @@ class Args:
     rwr_beta: float = arg(1.0, "β, RWR inverse temperature: w = exp(β·A)/Z on the normalised advantage A")
     rwr_threshold: Optional[float] = arg(None, "C, rwr-sparse keeps samples with r ≥ C; default: the 90th "
                                                "percentile of the round's rewards")
+    # --- the learned rewards' models (rewards.py): hub ids, or local folders to work offline
+    clip_model: str = arg(*rewards_lib.MODEL_OPTIONS["clip_model"])
+    aesthetic_head: str = arg(*rewards_lib.MODEL_OPTIONS["aesthetic_head"])
+    vlm: str = arg(*rewards_lib.MODEL_OPTIONS["vlm"])
+    bertscore_model: str = arg(*rewards_lib.MODEL_OPTIONS["bertscore_model"])
+    pickscore_model: str = arg(*rewards_lib.MODEL_OPTIONS["pickscore_model"])
+    pickscore_processor: str = arg(*rewards_lib.MODEL_OPTIONS["pickscore_processor"])
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -113,6 +120,16 @@ def parse_args(argv=None) -> Args:
 def fail(message):
     """Stop with one clear line on stderr and a non-zero exit."""
     raise SystemExit(f"error: {message}")
+
+
+def quiet_libraries():
+    """Our own progress bars and error lines are the ones that matter; silence the libraries' loading chatter."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,14 +198,8 @@ class Models:
 
 def load_models(name, device) -> Models:
     """Load a diffusers-format folder or hub id: unet, text_encoder, tokenizer, scheduler (+ vae if listed)."""
-    import diffusers
-    import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
-
-    for lib in (diffusers, transformers):  # our own progress bars and errors are the ones that matter
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
     path = str(TINY_MODEL if name == "tiny" else name)
     try:
         components = DiffusionPipeline.load_config(path)  # model_index.json
@@ -338,16 +349,27 @@ def rescore(models, traj, rows, steps, uncond, args):
 # Rewards and advantages (paper §4.4)
 # ----------------------------------------------------------------------------------------------------------
 
-def compute_rewards(name, images, prompts):
-    """r(x_0, c) for a batch; stops the run on a wrong shape or a non-finite value, naming the sample."""
-    r = torch.as_tensor(rewards_lib.REWARDS[name](images, prompts), dtype=torch.float32).cpu()
+def load_reward(args):
+    """The reward callable, its models (if any) loaded before anything is sampled."""
+    options = {k: getattr(args, k) for k in rewards_lib.MODEL_OPTIONS}
+    try:
+        return rewards_lib.make_reward(args.reward, args.device, **options)
+    except rewards_lib.RewardLoadError as e:
+        fail(f"reward {args.reward!r}: {e}")
+
+
+def compute_rewards(reward_fn, name, images, prompts):
+    """r(x_0, c) and per-sample extras; stops the run on a wrong shape or a non-finite value, naming the sample."""
+    out = reward_fn(images, prompts)
+    r, extras = out if isinstance(out, tuple) else (out, {})
+    r = torch.as_tensor(r, dtype=torch.float32).cpu()
     if r.shape != (len(prompts),):
         fail(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
     bad = torch.nonzero(~torch.isfinite(r)).flatten()
     if len(bad):
         i = bad[0].item()
         fail(f"reward {name!r} returned {r[i].item()} for sample {i} (prompt {prompts[i]!r})")
-    return r
+    return r, extras
 
 
 class PerPromptStatTracker:
@@ -557,7 +579,9 @@ def describe(args, n_prompts):
 
 
 def train(args):
+    quiet_libraries()
     prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
+    reward_fn = load_reward(args)
     models = load_models(args.model, args.device)
     from diffusers import DiffusionPipeline
     index = DiffusionPipeline.load_config(str(TINY_MODEL if args.model == "tiny" else args.model))
@@ -580,8 +604,10 @@ def train(args):
     def evaluate(epoch):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
         _, images = sample(models, eval_prompts, args, torch.Generator().manual_seed(args.seed + 1), 8, "evaluating")
-        r = compute_rewards(args.reward, images, eval_prompts)
+        r, extras = compute_rewards(reward_fn, args.reward, images, eval_prompts)
         save_grid(images, [f"{v:.3g} {p}" for v, p in zip(r.tolist(), eval_prompts)], run_dir / f"grid_{epoch:03d}.png")
+        cells = [{"prompt": p, "reward": v, **{k: extras[k][i] for k in extras}} for i, (p, v) in enumerate(zip(eval_prompts, r.tolist()))]
+        (run_dir / f"grid_{epoch:03d}.json").write_text(json.dumps(cells, indent=1) + "\n")  # why each image scored so
         return r.mean().item()
 
     history.append({"epoch": 0, "eval/reward_mean": evaluate(0)})
@@ -591,7 +617,7 @@ def train(args):
         prompts = rng.choices(prompt_set, k=args.samples_per_epoch)  # c ~ p(c)
         traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
         t1 = time.time()
-        r = compute_rewards(args.reward, images, prompts)
+        r, _ = compute_rewards(reward_fn, args.reward, images, prompts)
         advantages = compute_advantages(tracker, prompts, r, args)
         t2 = time.time()
         logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond)

@@ -1,13 +1,18 @@
-"""Reward functions r(x_0, c) for DDPO (paper §5.1–5.3).
+"""Reward functions r(x_0, c) for DDPO (paper §5.1–5.3) and the rewards later work uses most.
 
-Every reward is a plain callable: reward(images, prompts) -> float32 tensor (B,) on CPU, where images is a
-float tensor (B, 3, H, W) in [0, 1] and prompts a list of B strings. REWARDS maps the --reward name to it;
-DEFAULT_PROMPTS maps it to the prompt set the paper used for that task.
+Every reward is a plain callable: reward(images, prompts) -> float32 tensor (B,) on CPU, or a pair
+(rewards, extras) where extras maps a name to one value per sample (e.g. the VLM's answers), logged next to
+the sample grid so a user can see *why* an image scored as it did. images is a float tensor (B, 3, H, W) in
+[0, 1], prompts a list of B strings.
+
+REWARDS maps the --reward name to a function, or to a class whose models are loaded once, in-process, by
+make_reward() before any sampling. DEFAULT_PROMPTS maps it to the prompt set the paper used for that task.
 """
 import io
+from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -17,14 +22,15 @@ def to_pil(images):
     return [Image.fromarray(a) for a in arrays]
 
 
+def jpeg_bytes(img, quality):
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def jpeg_kilobytes(images):
     """Size of each image saved as JPEG at quality 95, in kB (bytes / 1000), as the paper measures it."""
-    sizes = []
-    for img in to_pil(images):
-        buffer = io.BytesIO()
-        img.save(buffer, format="JPEG", quality=95)
-        sizes.append(buffer.tell() / 1000)
-    return torch.tensor(sizes, dtype=torch.float32)
+    return torch.tensor([len(jpeg_bytes(img, 95)) / 1000 for img in to_pil(images)], dtype=torch.float32)
 
 
 def jpeg_compressibility(images, prompts):
@@ -37,18 +43,218 @@ def jpeg_incompressibility(images, prompts):
     return jpeg_kilobytes(images)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Learned rewards: models from the hub (or local folders), loaded once on the run's device
+# --------------------------------------------------------------------------------------------------------
+
+class RewardLoadError(Exception):
+    pass
+
+
+def from_pretrained(loader, model_id, flag, **kwargs):
+    """loader.from_pretrained(model_id) with one clear message when the model cannot be had."""
+    try:
+        return loader.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RewardLoadError(f"cannot load {model_id!r} ({reason}); without network pass a local folder "
+                              f"with {flag}") from None
+
+
+def dtype_for(device):
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def batched(n, size):
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def aesthetic_mlp():
+    """The LAION improved aesthetic predictor v2 head (sac+logos+ava1-l14-linearMSE): 768→1024→128→64→16→1.
+
+    The original has dropout between the layers and no activations; dropout is inactive at inference.
+    """
+    return torch.nn.Sequential(
+        torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1)).eval()
+
+
+class Aesthetic:
+    """Paper §5.2: LAION aesthetic score (1–10) of the L2-normalised CLIP ViT-L/14 image embedding."""
+    OPTIONS = ("clip_model", "aesthetic_head")
+    HEAD_FILE = "aesthetic-model.pth"
+
+    def __init__(self, device, clip_model, aesthetic_head):
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        self.device = device
+        self.processor = from_pretrained(CLIPImageProcessor, clip_model, "--clip-model")
+        self.clip = from_pretrained(CLIPModel, clip_model, "--clip-model", dtype=dtype_for(device)).to(device).eval()
+        self.head = aesthetic_mlp()
+        # state dict keys are layers.0.weight …: the original module kept the Sequential as .layers
+        state = {k.removeprefix("layers."): v for k, v in torch.load(self.head_file(aesthetic_head), weights_only=True).items()}
+        self.head.load_state_dict(state)
+        self.head.to(device)
+
+    def head_file(self, spec):
+        if Path(spec).is_file():
+            return spec
+        try:
+            from huggingface_hub import hf_hub_download
+            return hf_hub_download(spec, self.HEAD_FILE)
+        except Exception as e:  # huggingface_hub raises several kinds for offline / missing files
+            raise RewardLoadError(f"cannot load the aesthetic head {spec!r} ({type(e).__name__}); without network pass "
+                                  f"a local {self.HEAD_FILE} with --aesthetic-head") from None
+
+    @torch.no_grad()
+    def embed(self, images):
+        pixels = self.processor(images=to_pil(images), return_tensors="pt").pixel_values
+        features = self.clip.get_image_features(pixel_values=pixels.to(self.device, self.clip.dtype)).pooler_output
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def score(self, embeddings):
+        return self.head(embeddings.float()).squeeze(-1).cpu()
+
+    def __call__(self, images, prompts):
+        return torch.cat([self.score(self.embed(images[s])) for s in batched(len(images), 32)])
+
+
+class ClipSimilarity:
+    """Cosine similarity of CLIP image and text embeddings (CLIPScore without the 2.5 rescaling)."""
+    OPTIONS = ("clip_model",)
+    scaled = False  # PickScore multiplies by CLIP's learned logit scale
+
+    def __init__(self, device, clip_model, processor=None, flag="--clip-model"):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.device = device
+        self.processor = from_pretrained(AutoProcessor, processor or clip_model, flag)
+        self.clip = from_pretrained(CLIPModel, clip_model, flag, dtype=dtype_for(device)).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        scores = []
+        for s in batched(len(images), 32):
+            inputs = self.processor(text=prompts[s], images=to_pil(images[s]), padding=True, truncation=True,
+                                    return_tensors="pt").to(self.device)
+            image = self.clip.get_image_features(pixel_values=inputs.pixel_values.to(self.clip.dtype)).pooler_output
+            text = self.clip.get_text_features(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).pooler_output
+            cosine = F.cosine_similarity(image.float(), text.float(), dim=-1)
+            scores.append(cosine * self.clip.logit_scale.exp().float() if self.scaled else cosine)
+        return torch.cat(scores).cpu()
+
+
+class PickScore(ClipSimilarity):
+    """PickScore (Kirstain et al. 2023): a CLIP-H fine-tuned on human preferences; logit_scale · cosine."""
+    OPTIONS = ("pickscore_model", "pickscore_processor")
+    scaled = True
+
+    def __init__(self, device, pickscore_model, pickscore_processor):
+        super().__init__(device, pickscore_model, pickscore_processor, "--pickscore-model / --pickscore-processor")
+
+
+class BERTScore:
+    """BERTScore recall (Zhang et al. 2020) written out: greedy cosine matching of contextual token embeddings.
+
+    recall = mean over reference tokens (no [CLS]/[SEP]) of the best cosine with any candidate token; no idf,
+    no baseline rescaling. Like the bert-score package, the embeddings come from one layer of the model.
+    """
+    LAYERS = {"microsoft/deberta-xlarge-mnli": 40}  # bert-score's choice for its default model
+
+    def __init__(self, device, model_id):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device = device
+        self.tokenizer = from_pretrained(AutoTokenizer, model_id, "--bertscore-model")
+        self.model = from_pretrained(AutoModel, model_id, "--bertscore-model").to(device).eval()
+        self.layer = self.LAYERS.get(model_id, self.model.config.num_hidden_layers)
+
+    @torch.no_grad()
+    def embed(self, sentences):
+        tok = self.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt",
+                             return_special_tokens_mask=True).to(self.device)
+        hidden = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                            output_hidden_states=True).hidden_states[self.layer]
+        return F.normalize(hidden.float(), dim=-1), tok.attention_mask.bool(), tok.special_tokens_mask.bool()
+
+    def recall(self, candidates, references):
+        cand, cand_mask, _ = self.embed(candidates)  # (B, Lc, D)
+        ref, ref_mask, ref_special = self.embed(references)  # (B, Lr, D)
+        sim = torch.bmm(ref, cand.transpose(1, 2)) * (ref_mask[:, :, None] & cand_mask[:, None, :])  # (B, Lr, Lc)
+        best = sim.max(dim=2).values  # each reference token's best match
+        weight = (ref_mask & ~ref_special).float()
+        return ((best * weight).sum(1) / weight.sum(1)).cpu()
+
+
+class Alignment:
+    """Paper §5.3 (RLAIF): a VLM describes the image; r = BERTScore recall of the description against the prompt.
+
+    As in the original server, images go to the VLM JPEG-compressed at quality 80.
+    """
+    OPTIONS = ("vlm", "bertscore_model")
+    QUESTION = "Answer concisely: what is going on in this image?"
+
+    def __init__(self, device, vlm, bertscore_model):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = device
+        self.processor = from_pretrained(AutoProcessor, vlm, "--vlm")
+        self.processor.tokenizer.padding_side = "left"  # batched generation continues every row from its end
+        self.vlm = from_pretrained(AutoModelForImageTextToText, vlm, "--vlm", dtype=dtype_for(device)).to(device).eval()
+        self.bertscore = BERTScore(device, bertscore_model)
+
+    @torch.no_grad()
+    def describe(self, images):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.QUESTION}]}]
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        pictures = [Image.open(io.BytesIO(jpeg_bytes(img, 80))) for img in to_pil(images)]
+        inputs = self.processor(images=pictures, text=[text] * len(pictures), padding=True,
+                                return_tensors="pt").to(self.device, self.vlm.dtype)
+        out = self.vlm.generate(**inputs, max_new_tokens=32, do_sample=False)
+        return [a.strip() for a in self.processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)]
+
+    def __call__(self, images, prompts):
+        answers = sum((self.describe(images[s]) for s in batched(len(images), 8)), [])
+        scores = self.bertscore.recall(answers, [f"The image contains {p}" for p in prompts])
+        return scores, {"answer": answers}
+
+
 REWARDS = {
     "jpeg": jpeg_compressibility,
     "incompressibility": jpeg_incompressibility,
+    "aesthetic": Aesthetic,
+    "alignment": Alignment,
+    "clipscore": ClipSimilarity,
+    "pickscore": PickScore,
 }
 
 DEFAULT_PROMPTS = {  # paper §5: the prompt distribution p(c) of each task
     "jpeg": "imagenet_animals",
     "incompressibility": "imagenet_animals",
+    "aesthetic": "simple_animals",
+    "alignment": "alignment",
+    "clipscore": "alignment",
+    "pickscore": "simple_animals",
+}
+
+MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by default, or a local folder
+    "clip_model": ("openai/clip-vit-large-patch14", "CLIP for aesthetic and clipscore"),
+    "aesthetic_head": ("trl-lib/ddpo-aesthetic-predictor", "LAION aesthetic MLP: hub repo holding "
+                       "aesthetic-model.pth, or a local .pth file"),
+    "vlm": ("llava-hf/llava-1.5-7b-hf", "image-to-text model that describes images for alignment"),
+    "bertscore_model": ("microsoft/deberta-xlarge-mnli", "text encoder of alignment's BERTScore"),
+    "pickscore_model": ("yuvalkirstain/PickScore_v1", "PickScore CLIP model"),
+    "pickscore_processor": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's processor"),
 }
 
 
-def get_reward(name):
+def make_reward(name, device, **options):
+    """The callable for --reward name; a learned reward loads its models here, before any sampling."""
     if name not in REWARDS:
         raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-    return REWARDS[name]
+    reward = REWARDS[name]
+    if isinstance(reward, type):
+        defaults = {k: MODEL_OPTIONS[k][0] for k in reward.OPTIONS}
+        return reward(device, **{**defaults, **{k: v for k, v in options.items() if k in reward.OPTIONS}})
+    return reward
