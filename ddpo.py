@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,13 +49,24 @@ class Args:
     reward: str = arg("jpeg", f"reward function r(x_0, c), from rewards.py: {', '.join(rewards_lib.REWARDS)}")
     algo: str = arg("is", "estimator: sf = DDPO_SF (REINFORCE), is = DDPO_IS (clipped importance sampling), "
                           "rwr = RWR exponential weights, rwr-sparse = RWR sparse weights (paper §4.2, §4.4)")
-    model: str = arg("tiny", "'tiny' (built-in 32x32 pixel model) or a diffusers folder / hub id")
+    model: str = arg("tiny", "'tiny' (built-in 32x32 pixel model), a Stable-Diffusion-style diffusers folder or hub "
+                             "id (e.g. CompVis/stable-diffusion-v1-4), or a run folder (its base model + last checkpoint)")
+    lora_rank: Optional[int] = arg(None, "LoRA rank on the UNet's attention projections; 0 = full fine-tuning. "
+                                         "Default: 0 for the tiny model, 4 otherwise (the PyTorch port's setting)")
+    mixed_precision: str = arg("no", "no | fp16 | bf16: frozen weights and the forward pass in that dtype; trainable "
+                                     "weights, latents and every log-prob stay fp32")
     prompts: str = arg("", "prompt set p(c): a name in prompts/ (e.g. simple_animals, alignment) or a file path; "
                            "default: the reward's set from the paper")
     seed: int = arg(0, "fixes prompts, noise and therefore results on CPU")
     epochs: int = arg(20, "rounds of (sample, score, train)")
     run_name: str = arg("", "folder name under --out-dir; default {reward}__{algo}__{seed}__{time}")
     out_dir: str = arg("runs", "where runs are written")
+    save_every: int = arg(5, "write a checkpoint every N epochs (and after the last)")
+    resume: str = arg("", "a run folder: continue it from its last checkpoint with its saved settings "
+                          "(--epochs, --save-every and --device may change)")
+    eval: str = arg("", "a run folder: sample the base and the fine-tuned model with the same seeds on the training "
+                        "prompts and --eval-prompts, write side-by-side grids and mean rewards, and exit")
+    eval_prompts: str = arg("", "held-out prompt set for --eval; default: the run's reward's generalisation set")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     # --- sampling: the policy (§3.1)
     samples_per_epoch: int = arg(16, "trajectories sampled per round (paper: 256)")
@@ -96,15 +109,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> Args:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    choices = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch")}
+    choices = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch"),
+               "mixed_precision": tuple(PRECISIONS)}
     for f in dataclasses.fields(Args):
-        kind = float if f.name == "rwr_threshold" else f.type
+        kind = {"rwr_threshold": float, "lora_rank": int}.get(f.name, f.type)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                        choices=choices.get(f.name), help=f.metadata["help"])
     args = Args(**vars(p.parse_args(argv)))
+    if args.resume:  # the run's own settings, except what may change between sessions
+        saved = load_run_args(args.resume)
+        changed = {k: getattr(args, k) for k in ("epochs", "save_every", "device") if getattr(args, k) != Args.__dataclass_fields__[k].default}
+        args = dataclasses.replace(saved, resume=args.resume, out_dir=str(Path(args.resume).parent),
+                                   run_name=Path(args.resume).name, eval="", **changed)
     checks = {"eta": args.eta > 0, "clip_range": args.clip_range > 0, "num_steps": args.num_steps > 0,
               "epochs": args.epochs >= 0, "timestep_fraction": 0 < args.timestep_fraction <= 1,
-              "samples_per_epoch": args.samples_per_epoch > 0, "adv_clip": args.adv_clip > 0}
+              "samples_per_epoch": args.samples_per_epoch > 0, "adv_clip": args.adv_clip > 0,
+              "save_every": args.save_every > 0, "lora_rank": args.lora_rank is None or args.lora_rank >= 0}
     for name, ok in checks.items():
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
@@ -113,6 +133,8 @@ def parse_args(argv=None) -> Args:
         p.error(f"--samples-per-epoch {args.samples_per_epoch} must be a multiple of --sample-batch-size "
                 f"{args.sample_batch_size} and of the {minibatches} minibatches")
     args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS[args.reward]
+    if args.lora_rank is None:  # a run folder keeps its own rank
+        args.lora_rank = load_run_args(args.model).lora_rank if is_run(args.model) else 0 if args.model == "tiny" else 4
     args.run_name = args.run_name or f"{args.reward}__{args.algo}__{args.seed}__{int(time.time())}"
     return args
 
@@ -186,20 +208,46 @@ def gaussian_log_prob(x_prev, mean, sigma_t):
 # Models: the tiny built-in model and Stable Diffusion load through the same from_pretrained calls
 # ----------------------------------------------------------------------------------------------------------
 
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as in the PyTorch port
+
+
 @dataclass
 class Models:
-    unet: torch.nn.Module  # ε_θ(x_t, t, c): the only part trained
+    unet: torch.nn.Module  # ε_θ(x_t, t, c): the only part trained (all of it, or a LoRA adapter on it)
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object  # DDIMScheduler
     vae: Optional[torch.nn.Module]  # None: the model works in pixel space
     device: str
+    dtype: torch.dtype = torch.float32  # of the frozen weights and the UNet's forward pass (autocast)
+
+    def autocast(self):
+        return torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
-def load_models(name, device) -> Models:
-    """Load a diffusers-format folder or hub id: unet, text_encoder, tokenizer, scheduler (+ vae if listed)."""
+def is_run(path):
+    return (Path(path) / "args.json").is_file()
+
+
+def load_run_args(run_dir):
+    path = Path(run_dir) / "args.json"
+    if not path.is_file():
+        fail(f"{run_dir} is not a run folder (no args.json)")
+    return Args(**json.loads(path.read_text()))
+
+
+def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
+    """A diffusers folder or hub id (unet, text_encoder, tokenizer, scheduler, + vae if listed), or a run folder:
+    its base model with the trainable weights of its last checkpoint."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
+
+    if is_run(name):
+        saved = load_run_args(name)
+        models = load_models(saved.model, device, saved.lora_rank, mixed_precision)
+        load_trainable(models, latest_checkpoint(name) / "trainable.safetensors")
+        return models
     path = str(TINY_MODEL if name == "tiny" else name)
     try:
         components = DiffusionPipeline.load_config(path)  # model_index.json
@@ -209,13 +257,23 @@ def load_models(name, device) -> Models:
             tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if "vae" in components else None,
-            device=device)
+            device=device, dtype=PRECISIONS[mixed_precision])
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load model {name!r} ({first_line}); without network use --model tiny or a local folder")
-    for module in (models.text_encoder, models.vae):
+        fail(f"cannot load model {name!r} ({first_line}); the hub may be unreachable: --model tiny or a local "
+             f"folder works offline")
+    for module in (models.text_encoder, models.vae):  # frozen: no gradients, stored in the run's precision
         if module is not None:
-            module.requires_grad_(False).eval().to(device)
+            module.requires_grad_(False).eval().to(device, models.dtype)
+    if lora_rank > 0:
+        from peft import LoraConfig
+
+        models.unet.requires_grad_(False).to(models.dtype)
+        models.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                           target_modules=LORA_TARGETS))
+        for p in models.unet.parameters():  # the adapter trains in fp32 over the frozen low-precision base
+            if p.requires_grad:
+                p.data = p.data.float()
     models.unet.to(device).train()
     return models
 
@@ -246,7 +304,8 @@ def ddpm_loss(models, x0, cond, generator):
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x_t = sched.add_noise(x0, noise, t)
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
-    pred = models.unet(x_t, t, encoder_hidden_states=cond).sample
+    with models.autocast():
+        pred = models.unet(x_t, t, encoder_hidden_states=cond).sample
     return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
 
 
@@ -311,9 +370,9 @@ def policy(models, x_t, t, cond, uncond, guidance_scale, eta):
 
     Classifier-free guidance: ε̂ = ε_θ(x_t, t, ∅) + w (ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅)).
     """
-    unet = models.unet
-    x_in = torch.cat([x_t, x_t]).to(unet.dtype)  # (2B, C, H, W): unconditional and conditional in one pass
-    eps_uncond, eps_cond = unet(x_in, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+    x_in = torch.cat([x_t, x_t])  # (2B, C, H, W): unconditional and conditional in one pass
+    with models.autocast():
+        eps_uncond, eps_cond = models.unet(x_in, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
     eps = eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
     return ddim_step(models.scheduler, eps, x_t, t, eta)
 
@@ -440,12 +499,23 @@ def rwr_loss(models, x0, cond, weights, generator):
     return (weights * ddpm_loss(models, x0, cond, generator)).mean()
 
 
-def train_round(models, optimizer, traj, advantages, rewards, args, generator, uncond):
+class NonFiniteLoss(Exception):
+    pass
+
+
+def backward(loss, scale, scaler, where):
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"loss {loss.item()} at {where}")
+    scaler.scale(loss * scale).backward()
+
+
+def train_round(models, optimizer, traj, advantages, rewards, args, generator, uncond, scaler=None):
     """One round of optimisation on the round's samples; returns the mean of each logged quantity.
 
     Gradients accumulate over every trained timestep with one backward per timestep (memory does not grow
     with T). Each step's loss is scaled by 1/n_timesteps: the paper's sum over t, divided by a constant.
     """
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # fp16 needs loss scaling; fp32/bf16 do not
     B, T = traj.log_probs.shape
     sf = args.algo == "sf"
     n_minibatches, inner_epochs = (1, 1) if sf else (args.num_minibatches, args.inner_epochs)
@@ -464,11 +534,12 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
         steps = torch.stack([torch.randperm(T, generator=generator)[:n_timesteps] for _ in range(B)])
         for minibatch in torch.randperm(B, generator=generator).chunk(n_minibatches):
             optimizer.zero_grad(set_to_none=True)
+            where = f"optimizer step {len(logs['grad_norm']) + 1}"
             for rows in minibatch.split(args.train_batch_size):
                 share = len(rows) / len(minibatch)  # chunks of a minibatch add up to its mean
                 if args.algo.startswith("rwr"):
                     loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[rows].to(models.device), generator)
-                    (loss * share).backward()
+                    backward(loss, share, scaler, where)
                     logs["loss"].append(loss.item())
                     continue
                 for k in range(n_timesteps):
@@ -480,12 +551,14 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
                         loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, advantages[rows], args.clip_range)
                         logs["approx_kl"].append(approx_kl.item())
                         logs["clipfrac"].append(clipfrac.item())
-                    (loss * share / n_timesteps).backward()
+                    backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[rows[0], k]].item()}")
                     logs["loss"].append(loss.item())
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                fail(f"non-finite gradient norm ({grad_norm.item()}) in {args.algo} training")
-            optimizer.step()
+            if not torch.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step itself
+                raise NonFiniteLoss(f"gradient norm {grad_norm.item()} at {where}")
+            scaler.step(optimizer)
+            scaler.update()
             logs["grad_norm"].append(grad_norm.item())
             bar.update()
             bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
@@ -542,19 +615,79 @@ def plot_reward_curve(history, path):
     plt.close(fig)
 
 
-def save_models(models, folder, index):
-    """Every component in diffusers' save_pretrained layout, written to a temp folder and renamed into place."""
-    import shutil
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temp folder and renamed, so a checkpoint on disk is always whole
+# ----------------------------------------------------------------------------------------------------------
 
-    folder = Path(folder)
+def trainable_state(models):
+    """The weights that training changes: the whole UNet, or only its LoRA adapter."""
+    return {n: p.detach().cpu().contiguous() for n, p in models.unet.named_parameters() if p.requires_grad}
+
+
+def load_trainable(models, path):
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    expected = trainable_state(models).keys()
+    if state.keys() != expected:
+        raise ValueError(f"{path} holds {len(state)} tensors, the model trains {len(expected)} (another model or LoRA rank?)")
+    models.unet.load_state_dict(state, strict=False)
+
+
+def latest_checkpoint(run_dir):
+    done = sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))  # *.tmp are unfinished
+    if not done:
+        fail(f"{run_dir} has no checkpoint")
+    return done[-1]
+
+
+def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator):
+    from safetensors.torch import save_file
+
+    folder = Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
-        if getattr(models, name) is not None:
-            getattr(models, name).save_pretrained(tmp / name)
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(models), tmp / "trainable.safetensors")
+    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
+                "python_rng": rng.getstate(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
+               tmp / "state.pt")
     shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    tmp.rename(folder)  # only now is it a checkpoint
+    for old in sorted(folder.parent.glob("epoch_[0-9][0-9][0-9][0-9]"))[:-1]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(folder, models, optimizer, tracker, rng, generator):
+    """Restore everything a round depends on; returns the epoch the checkpoint was written after."""
+    try:
+        load_trainable(models, folder / "trainable.safetensors")
+        state = torch.load(folder / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        tracker.buffers = state["tracker"]
+        rng.setstate(state["python_rng"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["epoch"]
+    except Exception as e:  # a truncated file can fail in safetensors, pickle or the optimizer; all mean one thing
+        fail(f"checkpoint {folder} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+
+
+class CtrlC:
+    """First Ctrl-C: finish the epoch, write a checkpoint, exit. A second one stops at once (the last one stays)."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: finishing this epoch, then writing a checkpoint (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -582,24 +715,28 @@ def train(args):
     quiet_libraries()
     prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
     reward_fn = load_reward(args)
-    models = load_models(args.model, args.device)
-    from diffusers import DiffusionPipeline
-    index = DiffusionPipeline.load_config(str(TINY_MODEL if args.model == "tiny" else args.model))
+    models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
     run_dir = Path(args.out_dir) / args.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-    print(describe(args, len(prompt_set)))
-    print(f"writing to {run_dir}")
-
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
+    tracker = PerPromptStatTracker(args.buffer_size, args.min_count)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
+    start = 0
+    if args.resume:
+        start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator)
+    print(describe(args, len(prompt_set)))
+    print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
+          f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+    metrics = run_dir / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if start else []
+    history = [h for h in history if h["epoch"] <= start]  # epochs after the checkpoint are done again
     eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
-    params = [p for p in models.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    tracker = PerPromptStatTracker(args.buffer_size, args.min_count)
     uncond = encode_prompts(models, [""]).expand(max(args.train_batch_size, 1), -1, -1)
-    history = []
 
     def evaluate(epoch):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
@@ -610,35 +747,85 @@ def train(args):
         (run_dir / f"grid_{epoch:03d}.json").write_text(json.dumps(cells, indent=1) + "\n")  # why each image scored so
         return r.mean().item()
 
-    history.append({"epoch": 0, "eval/reward_mean": evaluate(0)})
-    epochs = tqdm(range(1, args.epochs + 1), desc="epochs")
-    for epoch in epochs:
-        t0 = time.time()
-        prompts = rng.choices(prompt_set, k=args.samples_per_epoch)  # c ~ p(c)
-        traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
-        t1 = time.time()
-        r, _ = compute_rewards(reward_fn, args.reward, images, prompts)
-        advantages = compute_advantages(tracker, prompts, r, args)
-        t2 = time.time()
-        logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond)
-        t3 = time.time()
-        row = {"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
-               "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
-               **{f"losses/{k}": v for k, v in logs.items()},
-               "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0}
+    def log(row):
         history.append(row)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        metrics.write_text("".join(json.dumps(h) + "\n" for h in history))
         plot_reward_curve(history, run_dir / "reward_curve.png")
-        epochs.set_postfix(reward=f"{row['reward/mean']:.4g}", eval=f"{row['eval/reward_mean']:.4g}")
-    save_models(models, run_dir / "model", index)
-    first, last = history[0]["eval/reward_mean"], history[-1]["eval/reward_mean"]
-    print(f"eval reward {first:.4g} → {last:.4g}; fine-tuned model: --model {run_dir / 'model'}")
+
+    with CtrlC() as ctrl_c:
+        if not start:
+            log({"epoch": 0, "eval/reward_mean": evaluate(0)})
+        epochs = tqdm(range(start + 1, args.epochs + 1), desc="epochs", initial=start, total=args.epochs)
+        for epoch in epochs:
+            t0 = time.time()
+            prompts = rng.choices(prompt_set, k=args.samples_per_epoch)  # c ~ p(c)
+            traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
+            t1 = time.time()
+            r, _ = compute_rewards(reward_fn, args.reward, images, prompts)
+            advantages = compute_advantages(tracker, prompts, r, args)
+            t2 = time.time()
+            try:
+                logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
+            except NonFiniteLoss as e:
+                kept = sorted((run_dir / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
+                fail(f"non-finite {e} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with "
+                     f"--resume {run_dir} (perhaps with a lower --lr)" if kept else "no checkpoint was written yet"))
+            t3 = time.time()
+            log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
+                 "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
+                 **{f"losses/{k}": v for k, v in logs.items()},
+                 "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
+            epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
+            if epoch % args.save_every == 0 or epoch == args.epochs or ctrl_c.requested:
+                save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator)
+            if ctrl_c.requested and epoch < args.epochs:
+                sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}")
+    print(f"eval reward {history[0]['eval/reward_mean']:.4g} → {history[-1]['eval/reward_mean']:.4g}; "
+          f"the fine-tuned model: --model {run_dir}")
     return history
 
 
+def evaluate_run(args):
+    """The paper's Fig. 3 and its generalisation figure in one command: base | fine-tuned, same seeds."""
+    quiet_libraries()
+    run = load_run_args(args.eval)
+    run.device = args.device
+    reward_fn = load_reward(run)
+    names = {"train": run.prompts, "heldout": args.eval_prompts or rewards_lib.HELDOUT_PROMPTS[run.reward]}
+    prompt_sets = {name: load_prompts(spec) for name, spec in names.items()}
+    out = Path(args.eval) / "eval"
+    out.mkdir(exist_ok=True)
+    results = {}
+    for which, path in (("base", run.model), ("tuned", args.eval)):
+        models = load_models(path, args.device, 0, args.mixed_precision)  # a run folder brings its own rank
+        for name, prompt_set in prompt_sets.items():
+            prompts = random.Random(args.seed).choices(prompt_set, k=16)
+            _, images = sample(models, prompts, run, torch.Generator().manual_seed(args.seed), run.sample_batch_size, f"{which} {name}")
+            r, _ = compute_rewards(reward_fn, run.reward, images, prompts)
+            results.setdefault(name, {"prompts": prompts})[which] = (images, r)
+    summary = {}
+    for name, res in results.items():
+        (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]
+        images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
+        captions = [f"{w} {v:.3g}" for b, t in zip(base_r.tolist(), tuned_r.tolist()) for w, v in (("base", b), ("tuned", t))]
+        save_grid(images, captions, out / f"{name}.png")
+        summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
+                         "tuned_reward_mean": tuned_r.mean().item()}
+        print(f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}")
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"grids and eval.json in {out}")
+    return summary
+
+
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        return evaluate_run(args) if args.eval else train(args)
+    except KeyboardInterrupt:
+        run = Path(args.out_dir) / args.run_name
+        kept = sorted((run / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
+        sys.exit(f"stopped; the last checkpoint ({kept[-1].name}) is kept: resume with --resume {run}" if kept
+                 else "stopped before the first checkpoint was written; nothing to resume")
 
 
 if __name__ == "__main__":

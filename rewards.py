@@ -238,6 +238,15 @@ DEFAULT_PROMPTS = {  # paper §5: the prompt distribution p(c) of each task
     "pickscore": "simple_animals",
 }
 
+HELDOUT_PROMPTS = {  # the paper's generalisation checks: prompts the fine-tuning never saw
+    "jpeg": "everyday_objects",
+    "incompressibility": "everyday_objects",
+    "aesthetic": "everyday_objects",
+    "alignment": "alignment_unseen_activities",
+    "clipscore": "alignment_unseen_activities",
+    "pickscore": "unseen_animals",
+}
+
 MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by default, or a local folder
     "clip_model": ("openai/clip-vit-large-patch14", "CLIP for aesthetic and clipscore"),
     "aesthetic_head": ("trl-lib/ddpo-aesthetic-predictor", "LAION aesthetic MLP: hub repo holding "

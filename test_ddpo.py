@@ -35,7 +35,7 @@ def random_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     models = tiny_world.build_models(tiny_world.build_tokenizer(tiny_world.all_prompts()))
     path = tmp_path_factory.mktemp("random_tiny")
-    ddpo.save_models(models, path / "model", tiny_world.MODEL_INDEX)
+    tiny_world.save_models(models, path / "model")
     return path / "model"
 
 
@@ -379,12 +379,13 @@ def test_cli_one_epoch_each_algorithm(tmp_path, algo, extra):
                "--num-minibatches", "2", "--train-batch-size", "2", "--prompts", "simple_animals", "--device", "cpu",
                "--out-dir", str(tmp_path), "--run-name", "run", "--seed", "1", *extra])
     run = tmp_path / "run"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["epoch"] == 1 and math.isfinite(rows[0]["losses/loss"])
-    assert rows[0]["reward/min"] <= rows[0]["reward/mean"] <= rows[0]["reward/max"] < 0  # jpeg: r = −kB
-    assert (algo == "is") == ("losses/clipfrac" in rows[0])
+    before, row = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(before) == {"epoch", "eval/reward_mean"} and before["epoch"] == 0  # the pretrained model
+    assert row["epoch"] == 1 and math.isfinite(row["losses/loss"])
+    assert row["reward/min"] <= row["reward/mean"] <= row["reward/max"] < 0  # jpeg: r = −kB
+    assert (algo == "is") == ("losses/clipfrac" in row)
     assert Image.open(run / "grid_001.png").size == (512, 2 * 142) and (run / "reward_curve.png").is_file()
-    tuned, base = ddpo.load_models(str(run / "model"), "cpu"), ddpo.load_models("tiny", "cpu")
+    tuned, base = ddpo.load_models(str(run), "cpu"), ddpo.load_models("tiny", "cpu")  # a run folder is a model
     changed = [not torch.equal(p, q) for p, q in zip(tuned.unet.parameters(), base.unet.parameters())]
     assert any(changed)
 
@@ -398,7 +399,7 @@ def test_cli_same_seed_same_results_and_lr_zero_changes_nothing(tmp_path):
     strip = lambda text: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")} for l in text.splitlines()]
     assert strip(a) == strip(b)
     ddpo.main([*common, "--run-name", "frozen", "--lr", "0"])
-    frozen, base = ddpo.load_models(str(tmp_path / "frozen" / "model"), "cpu"), ddpo.load_models("tiny", "cpu")
+    frozen, base = ddpo.load_models(str(tmp_path / "frozen"), "cpu"), ddpo.load_models("tiny", "cpu")
     assert all(torch.equal(p, q) for p, q in zip(frozen.unet.parameters(), base.unet.parameters()))
 
 

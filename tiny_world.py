@@ -15,6 +15,8 @@ minutes on 2 CPU cores):
     python tiny_world.py --steps 3000 --seed 0 --out tiny_model
 """
 import argparse
+import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -110,6 +112,19 @@ MODEL_INDEX = {"_class_name": "DDPOTinyPipeline", "unet": ["diffusers", "UNet2DC
                "scheduler": ["diffusers", "DDIMScheduler"]}
 
 
+def save_models(models, folder, index=MODEL_INDEX):
+    """Every component in diffusers' save_pretrained layout, written to a temp folder and renamed into place."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
+        if getattr(models, name) is not None:
+            getattr(models, name).save_pretrained(tmp / name)
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
 def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
@@ -140,7 +155,7 @@ def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
-    ddpo.save_models(models, out, MODEL_INDEX)
+    save_models(models, out)
     print(f"saved {out}")
 
 

@@ -1,0 +1,243 @@
+"""Tests for the paper's setup, offline on CPU: a tiny random Stable-Diffusion-style pipeline (VAE, CLIP text
+encoder, latent UNet) saved as a real StableDiffusionPipeline folder, LoRA, bf16, checkpoints and resume,
+Ctrl-C, non-finite losses, --eval.
+
+    python -m pytest -q
+"""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpo
+import tiny_world
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """A Stable-Diffusion-1.x-shaped pipeline with random weights: 16x16 images, 4x8x8 latents."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_world.build_tokenizer(tiny_world.all_prompts())
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16),
+        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                  attention_head_dim=8, norm_num_groups=16),
+        scheduler=tiny_world.build_models(tokenizer).scheduler,  # Stable Diffusion v1's DDIM configuration
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    path = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    pipe.save_pretrained(path)
+    return path
+
+
+def train_argv(model, out, name, *extra):
+    return ["--model", str(model), "--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+            "--num-minibatches", "2", "--train-batch-size", "2", "--prompts", "simple_animals", "--out-dir", str(out),
+            "--run-name", name, *extra]
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stable Diffusion through --model, LoRA, mixed precision
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+@pytest.mark.parametrize("algo", ["sf", "is", "rwr", "rwr-sparse"])
+def test_sd_pipeline_trains_with_each_algorithm(sd_dir, tmp_path, algo, lora_rank, precision):
+    ddpo.main(train_argv(sd_dir, tmp_path, "run", "--algo", algo, "--lora-rank", lora_rank, "--mixed-precision", precision))
+    run = tmp_path / "run"
+    row = metrics(run)[-1]
+    assert row["epoch"] == 1 and math.isfinite(row["losses/loss"]) and row["reward/mean"] < 0
+    assert (run / "grid_001.png").is_file()
+    if algo == "is":  # the first minibatch re-scores exactly; ratio 1 also under bf16
+        assert row["losses/clipfrac"] <= 0.5
+    base = ddpo.load_models(str(sd_dir), "cpu")
+    tuned = ddpo.load_models(str(run), "cpu")  # the run folder: base model + its checkpoint
+    base_params = dict(base.unet.named_parameters())
+    changed = {n.replace(".base_layer", "") for n, p in tuned.unet.named_parameters() if "lora_" not in n
+               and not torch.equal(p, base_params[n.replace(".base_layer", "")])}
+    if lora_rank == "4":  # only the adapter trains; the base weights are exactly the pretrained ones
+        assert not changed and any("lora_" in n for n, _ in tuned.unet.named_parameters())
+    else:
+        assert changed
+
+
+def test_lora_adapter_off_gives_the_base_model_exactly(sd_dir):
+    base = ddpo.load_models(str(sd_dir), "cpu")
+    lora = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4)
+    trainable = [n for n, p in lora.unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 20])
+    cond = ddpo.encode_prompts(base, ["cat", "dog"])
+    with torch.no_grad():
+        for p in (p for n, p in lora.unet.named_parameters() if "lora_B" in n):
+            p.normal_()  # a trained adapter: lora_B starts at zero, so make it non-zero
+        expected = base.unet(x, t, cond).sample
+        assert not torch.equal(lora.unet(x, t, cond).sample, expected)
+        lora.unet.disable_adapters()
+        assert torch.equal(lora.unet(x, t, cond).sample, expected)
+
+
+def test_lora_weights_are_fp32_over_a_bf16_base(sd_dir):
+    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="bf16")
+    dtypes = {n: p.dtype for n, p in models.unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert models.text_encoder.dtype == models.vae.dtype == torch.bfloat16
+
+
+def test_ratio_is_one_at_the_first_minibatch_under_bf16(sd_dir):
+    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="bf16")
+    args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "3", "--mixed-precision", "bf16"])
+    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(1))
+    assert traj.states.dtype == traj.log_probs.dtype == torch.float32 and traj.states.shape == (4, 4, 4, 8, 8)
+    uncond = ddpo.encode_prompts(models, [""]).expand(4, -1, -1)
+    with torch.no_grad():
+        for j in range(3):
+            for rows in (torch.arange(4), torch.tensor([1, 3]), torch.tensor([2])):
+                log_prob = ddpo.rescore(models, traj, rows, torch.full((len(rows),), j), uncond, args)
+                assert (torch.exp(log_prob - traj.log_probs[rows, j]) - 1).abs().max().item() < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints, resume, failures that lose nothing
+# --------------------------------------------------------------------------------------------------------
+
+def test_resume_gives_the_same_metrics_as_training_straight(tmp_path):
+    common = ["--epochs", "2", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+              "--num-minibatches", "2", "--out-dir", str(tmp_path), "--seed", "5", "--save-every", "1"]
+    ddpo.main([*common, "--run-name", "straight"])
+    ddpo.main([*common, "--run-name", "halves", "--epochs", "1"])
+    assert [p.name for p in (tmp_path / "halves" / "checkpoints").iterdir()] == ["epoch_0001"]
+    ddpo.main(["--resume", str(tmp_path / "halves"), "--epochs", "2"])
+    straight, halves = metrics(tmp_path / "straight"), metrics(tmp_path / "halves")
+    assert [r["epoch"] for r in halves] == [0, 1, 2]
+    assert without_times(straight) == without_times(halves)
+    assert [p.name for p in (tmp_path / "halves" / "checkpoints").iterdir()] == ["epoch_0002"]  # older ones go
+
+
+def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, monkeypatch):
+    argv = ["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+            "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
+    ddpo.main(argv)
+    run = tmp_path / "r"
+    real_save = torch.save
+
+    def killed_half_way(obj, path, *a, **k):  # the process dies after writing half of state.pt
+        real_save(obj, path, *a, **k)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    with pytest.raises(SystemExit, match=r"stopped; the last checkpoint \(epoch_0001\) is kept"):
+        ddpo.main(["--resume", str(run), "--epochs", "2"])
+    assert (run / "checkpoints" / "epoch_0002.tmp").is_dir()  # the unfinished one is left as a .tmp …
+    assert ddpo.latest_checkpoint(run).name == "epoch_0001"  # … and never taken for a checkpoint
+    monkeypatch.setattr(torch, "save", real_save)
+    ddpo.main(["--resume", str(run), "--epochs", "2"])
+    assert [r["epoch"] for r in metrics(run)] == [0, 1, 2]
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = ddpo.ddpo_is_loss, []
+
+    def nan_in_epoch_two(log_prob, *a):
+        loss, kl, cf = real_loss(log_prob, *a)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 4 else loss), kl, cf  # epoch 1 has 2 steps x 2 timesteps
+
+    monkeypatch.setattr(ddpo, "ddpo_is_loss", nan_in_epoch_two)
+    argv = ["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2",
+            "--num-minibatches", "2", "--save-every", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
+    with pytest.raises(SystemExit, match=r"non-finite loss nan at optimizer step 1, timestep t=\d+ in epoch 2; "
+                                          r"the last good checkpoint is .*epoch_0001: resume with --resume"):
+        ddpo.main(argv)
+    assert ddpo.latest_checkpoint(tmp_path / "r").name == "epoch_0001"
+
+
+def test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, str(HERE / "ddpo.py"), "--epochs", "50", "--num-steps", "2", "--samples-per-epoch", "4",
+                             "--sample-batch-size", "4", "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r",
+                             "--save-every", "100"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    epoch = len(metrics(run)) - 1
+    assert 1 <= epoch < 50 and f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run}" in stderr
+    assert ddpo.latest_checkpoint(run).name == f"epoch_{epoch:04d}"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: None, "has no checkpoint"),
+    (lambda run: (run / "checkpoints" / "epoch_0001" / "trainable.safetensors").write_bytes(b"\0" * 64), "is damaged"),
+    (lambda run: (run / "checkpoints" / "epoch_0001" / "state.pt").write_bytes(b"PK\3\4 not a pickle"), "is damaged"),
+])
+def test_resume_from_a_folder_without_a_whole_checkpoint_is_one_clear_line(tmp_path, damage, message):
+    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2",
+               "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r"])
+    run = tmp_path / "r"
+    if message == "has no checkpoint":
+        import shutil
+        shutil.rmtree(run / "checkpoints")
+    damage(run)
+    result = subprocess.run([sys.executable, str(HERE / "ddpo.py"), "--resume", str(run), "--epochs", "2"],
+                            capture_output=True, text=True, timeout=300)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "/no/such/run"], "/no/such/run is not a run folder"),
+    (["--lora-rank", "-1"], "--lora-rank -1 is out of range"),
+    (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
+    (["--samples-per-epoch", "8", "--num-minibatches", "3"], "and of the 3 minibatches"),
+])
+def test_bad_setup_flags_are_one_clear_line(argv, message):
+    result = subprocess.run([sys.executable, str(HERE / "ddpo.py"), *argv], capture_output=True, text=True, timeout=300)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------
+# --eval
+# --------------------------------------------------------------------------------------------------------
+
+def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path):
+    ddpo.main(train_argv(sd_dir, tmp_path, "run", "--algo", "is", "--lr", "1e-2"))
+    summary = ddpo.main(["--eval", str(tmp_path / "run"), "--eval-prompts", "unseen_animals"])
+    saved = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert set(saved) == {"train", "heldout"} and saved["heldout"]["prompts"] == "unseen_animals"
+    for which in ("train", "heldout"):
+        assert (tmp_path / "run" / "eval" / f"{which}.png").is_file()
+        assert saved[which]["base_reward_mean"] < 0 and saved[which]["tuned_reward_mean"] < 0  # jpeg: −kB
+    assert summary == saved
+    assert saved["train"]["base_reward_mean"] != saved["train"]["tuned_reward_mean"]
