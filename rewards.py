@@ -167,7 +167,7 @@ class BERTScore:
 
         self.device = device
         self.tokenizer = from_pretrained(AutoTokenizer, model_id, "--bertscore-model")
-        self.model = from_pretrained(AutoModel, model_id, "--bertscore-model").to(device).eval()
+        self.model = from_pretrained(AutoModel, model_id, "--bertscore-model", dtype=dtype_for(device)).to(device).eval()
         self.layer = self.LAYERS.get(model_id, self.model.config.num_hidden_layers)
 
     @torch.no_grad()

@@ -1,0 +1,134 @@
+"""Speed and memory of one DDPO round, and the cost of the rollout's log-probs. Prints figures; asserts nothing.
+
+    python bench.py                         # the tiny model and a tiny SD-style pipeline, on this machine
+    python bench.py --models sd14 --device cuda --mixed-precision fp16 --lora-rank 4 --batch-size 1
+
+For each model: seconds per round split into sampling / reward / training, samples per second, peak memory,
+and the time of ddpo.rollout (DDIM step + exact log-prob, trajectory stored) relative to a plain diffusers
+DDIM sampling loop on the same model and steps (target: ≤ 1.05x). 'sd14' builds Stable Diffusion v1.4's exact
+UNet / VAE / text-encoder configuration with random weights: speed and memory do not depend on the weights'
+values, and no hub download is needed.
+"""
+import argparse
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ddpo
+import tiny_world
+
+
+def sd_style(kind):
+    """A StableDiffusionPipeline folder with random weights: 'tiny-sd' (16x16 images) or 'sd14' (SD v1.4's shapes)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    big = kind == "sd14"
+    tokenizer = tiny_world.build_tokenizer(tiny_world.all_prompts(), max_length=77 if big else 16)
+    blocks = (128, 256, 512, 512) if big else (16, 32)
+    vae = AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=4, layers_per_block=2 if big else 1,
+                        norm_num_groups=32 if big else 8, sample_size=512 if big else 16)
+    text = CLIPTextConfig(vocab_size=49408 if big else len(tokenizer), hidden_size=768 if big else 32,
+                          intermediate_size=3072 if big else 37, num_hidden_layers=12 if big else 2,
+                          num_attention_heads=12 if big else 4, max_position_embeddings=tokenizer.model_max_length,
+                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8) if big else UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=16)
+    path = Path(tempfile.mkdtemp()) / kind
+    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
+                            scheduler=tiny_world.build_models(tokenizer).scheduler, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
+    return str(path)
+
+
+@torch.no_grad()
+def plain_diffusers_loop(models, prompts, args, generator):
+    """What a plain sampler does: guided ε, then DDIMScheduler.step; no log-probs, no stored trajectory."""
+    sched = models.scheduler
+    sched.set_timesteps(args.num_steps)
+    cond = ddpo.encode_prompts(models, prompts)
+    uncond = ddpo.encode_prompts(models, [""]).expand_as(cond)
+    size, ch = models.unet.config.sample_size, models.unet.config.in_channels
+    x = torch.randn((len(prompts), ch, size, size), generator=generator).to(models.device)
+    for t in sched.timesteps:
+        with models.autocast():
+            eps_u, eps_c = models.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        eps = eps_u.float() + args.guidance_scale * (eps_c.float() - eps_u.float())
+        x = sched.step(eps, t, x, eta=args.eta, variance_noise=torch.randn(x.shape, generator=generator).to(x.device)).prev_sample
+    return x
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats, out
+
+
+def bench(name, path, opts):
+    argv = ["--model", path, "--device", opts.device, "--mixed-precision", opts.mixed_precision, "--num-steps",
+            str(opts.num_steps), "--samples-per-epoch", str(opts.batch_size), "--sample-batch-size", str(opts.batch_size),
+            "--train-batch-size", str(opts.batch_size), "--num-minibatches", "1", "--algo", "is"]
+    if opts.lora_rank is not None:
+        argv += ["--lora-rank", str(opts.lora_rank)]
+    args = ddpo.parse_args(argv)
+    models = ddpo.load_models(path, args.device, args.lora_rank, args.mixed_precision)
+    reward_fn = ddpo.load_reward(args)
+    prompts = random.Random(0).choices(ddpo.load_prompts(args.prompts), k=opts.batch_size)
+    optimizer = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad], lr=1e-6)
+    uncond = ddpo.encode_prompts(models, [""]).expand(opts.batch_size, -1, -1)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+
+    ddpo.rollout(models, prompts, args, g())  # warm-up (kernels, allocator)
+    plain, _ = timed(lambda: plain_diffusers_loop(models, prompts, args, g()), args.device, opts.repeats)
+    ours, traj = timed(lambda: ddpo.rollout(models, prompts, args, g()), args.device, opts.repeats)
+    images = ddpo.decode(models, traj.states[:, -1])
+    reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device, 1)
+    advantages = (r - r.mean()) / (r.std() + 1e-6)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond), args.device, 1)
+    peak = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU (training)" if args.device.startswith("cuda")
+            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process peak)")
+    round_s = ours + reward_s + train_s
+    print(f"{name:8s} | batch {opts.batch_size}, {args.num_steps} steps, LoRA {args.lora_rank}, {args.mixed_precision} | "
+          f"round {round_s:.2f} s = sampling {ours:.2f} + reward {reward_s:.3f} + training {train_s:.2f} | "
+          f"{opts.batch_size / round_s:.2f} samples/s | peak {peak} | rollout / plain diffusers loop {ours / plain:.3f}x")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,tiny-sd", help="comma-separated: tiny, tiny-sd, sd14")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--lora-rank", type=int, default=None, help="default: ddpo.py's (0 for tiny, 4 otherwise)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3, help="rollouts timed per loop (the mean is printed)")
+    opts = p.parse_args()
+    ddpo.quiet_libraries()
+    print(f"torch {torch.__version__}, device {opts.device}"
+          + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
+    for name in opts.models.split(","):
+        bench(name, "tiny" if name == "tiny" else sd_style(name), opts)
+
+
+if __name__ == "__main__":
+    main()
