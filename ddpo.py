@@ -118,13 +118,15 @@ def parse_args(argv=None) -> Args:
     args = Args(**vars(p.parse_args(argv)))
     if args.resume:  # the run's own settings, except what may change between sessions
         saved = load_run_args(args.resume)
-        changed = {k: getattr(args, k) for k in ("epochs", "save_every", "device") if getattr(args, k) != Args.__dataclass_fields__[k].default}
+        changed = {k: getattr(args, k) for k in ("epochs", "save_every", "device")
+                   if getattr(args, k) != Args.__dataclass_fields__[k].default}
         args = dataclasses.replace(saved, resume=args.resume, out_dir=str(Path(args.resume).parent),
                                    run_name=Path(args.resume).name, eval="", **changed)
-    checks = {"eta": args.eta > 0, "clip_range": args.clip_range > 0, "num_steps": args.num_steps > 0,
-              "epochs": args.epochs >= 0, "timestep_fraction": 0 < args.timestep_fraction <= 1,
-              "samples_per_epoch": args.samples_per_epoch > 0, "adv_clip": args.adv_clip > 0,
-              "save_every": args.save_every > 0, "lora_rank": args.lora_rank is None or args.lora_rank >= 0}
+    positive = ("eta", "clip_range", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size",
+                "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every")
+    checks = {**{name: getattr(args, name) > 0 for name in positive}, "epochs": args.epochs >= 0, "lr": args.lr >= 0,
+              "timestep_fraction": 0 < args.timestep_fraction <= 1,
+              "lora_rank": args.lora_rank is None or args.lora_rank >= 0}
     for name, ok in checks.items():
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
@@ -372,7 +374,8 @@ def policy(models, x_t, t, cond, uncond, guidance_scale, eta):
     """
     x_in = torch.cat([x_t, x_t])  # (2B, C, H, W): unconditional and conditional in one pass
     with models.autocast():
-        eps_uncond, eps_cond = models.unet(x_in, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        out = models.unet(x_in, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_uncond, eps_cond = out.chunk(2)
     eps = eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
     return ddim_step(models.scheduler, eps, x_t, t, eta)
 

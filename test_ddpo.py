@@ -410,6 +410,8 @@ def test_cli_same_seed_same_results_and_lr_zero_changes_nothing(tmp_path):
     (["--eta", "0"], "--eta 0.0 is out of range"),
     (["--clip-range", "-1"], "--clip-range -1.0 is out of range"),
     (["--samples-per-epoch", "10", "--sample-batch-size", "4"], "must be a multiple of --sample-batch-size"),
+    (["--sample-batch-size", "0"], "--sample-batch-size 0 is out of range"),
+    (["--timestep-fraction", "1.5"], "--timestep-fraction 1.5 is out of range"),
     (["--model", "/no/such/model"], "cannot load model '/no/such/model'"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, argv, message):
