@@ -46,7 +46,7 @@ def sd_style(kind):
         norm_num_groups=16)
     path = Path(tempfile.mkdtemp()) / kind
     StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
-                            scheduler=tiny_world.build_models(tokenizer).scheduler, safety_checker=None,
+                            scheduler=tiny_world.sd_v1_scheduler(), safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
     return str(path)
 

@@ -81,10 +81,10 @@ class Args:
     min_count: int = arg(16, "a prompt uses its own statistics once it has this many rewards, batch stats before")
     adv_clip: float = arg(5.0, "advantages are clipped to ±adv_clip")
     # --- optimisation
-    lr: float = arg(3e-4, "AdamW learning rate")
+    lr: float = arg(1e-4, "AdamW learning rate (the tiny model's full fine-tuning; LoRA on SD: 3e-4)")
     max_grad_norm: float = arg(1.0, "gradient norm clip")
-    num_minibatches: int = arg(4, "optimizer steps per inner epoch (is, rwr, rwr-sparse); sf always takes one "
-                                  "step per round, as its samples must come from the current θ")
+    num_minibatches: int = arg(1, "optimizer steps per inner epoch (is, rwr, rwr-sparse; paper: 4); sf always takes "
+                                  "one step per round, as its samples must come from the current θ")
     inner_epochs: int = arg(1, "passes over each round's samples (is, rwr, rwr-sparse)")
     train_batch_size: int = arg(4, "samples per training forward pass; a minibatch larger than this is "
                                    "accumulated over several passes")

@@ -40,7 +40,7 @@ def sd_dir(tmp_path_factory):
                                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                   attention_head_dim=8, norm_num_groups=16),
-        scheduler=tiny_world.build_models(tokenizer).scheduler,  # Stable Diffusion v1's DDIM configuration
+        scheduler=tiny_world.sd_v1_scheduler(),  # Stable Diffusion v1's DDIM configuration, ε-prediction
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = tmp_path_factory.mktemp("sd") / "tiny-sd"
     pipe.save_pretrained(path)

@@ -4,8 +4,8 @@ DDPO fine-tunes a *pretrained* model: RL only reweights what the model can alrea
 initialised model's images hardly differ in JPEG size, so the RL has no signal to work with. So the built-in
 model is first pretrained, with the ordinary DDPM loss (ddpo.ddpm_loss, the same loss RWR uses), on
 procedurally drawn 32x32 images:
-  - each prompt picks a palette and a shape (a hash of the prompt), so guidance and per-prompt
-    advantages mean something;
+  - the prompt's words pick a palette and a shape (the subject word the palette, the last word the shape),
+    so guidance and per-prompt advantages mean something;
   - each sample draws a background texture at random, from flat to fine stripes. That gives the JPEG size the
     spread that compressibility / incompressibility fine-tuning then pushes one way or the other.
 
@@ -36,12 +36,18 @@ PALETTES = [  # (background, shape) colours in [0, 1]
 SHAPES = ("circle", "square", "triangle")
 
 
+def word_hash(word):
+    return zlib.crc32(word.lower().encode())
+
+
 def prompt_attributes(prompt, rng):
-    """What the prompt fixes: (palette, shape). The empty prompt (unconditional) draws them at random."""
-    if not prompt:
+    """What the prompt fixes: (palette, shape). Words pick them, so the text encoder can learn the mapping:
+    the subject (the first word but a/an) picks the palette, the last word the shape ("a cat riding a bike":
+    cat's palette, bike's shape). The empty prompt (unconditional) draws both at random."""
+    words = [w for w in prompt.split() if w.lower() not in ("a", "an")]
+    if not words:
         return int(rng.integers(len(PALETTES))), int(rng.integers(len(SHAPES)))
-    h = zlib.crc32(prompt.lower().encode())
-    return h % len(PALETTES), (h // len(PALETTES)) % len(SHAPES)
+    return word_hash(words[0]) % len(PALETTES), word_hash(words[-1]) % len(SHAPES)
 
 
 def draw(prompt, rng):
@@ -89,7 +95,7 @@ def build_tokenizer(prompts, max_length=16):
 
 def build_models(tokenizer):
     """Random-init tiny UNet (≈1.4M parameters, cross-attention at 8x8), CLIP text encoder, SD-v1 DDIM scheduler."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = UNet2DConditionModel(
@@ -101,10 +107,22 @@ def build_models(tokenizer):
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    # Stable Diffusion v1's scheduler configuration
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return ddpo.Models(unet, text_encoder, tokenizer, scheduler, vae=None, device="cpu")
+    return ddpo.Models(unet, text_encoder, tokenizer, sd_v1_scheduler(prediction_type="v_prediction"), vae=None, device="cpu")
+
+
+def sd_v1_scheduler(**overrides):
+    """Stable Diffusion v1's DDIM configuration.
+
+    The tiny model predicts v (as SD 2.x does) rather than ε. With ε-prediction a 32x32 model learns the
+    palette from the noisy image itself: an error in x_0 costs SNR(t) times less in the ε-loss, vanishingly
+    little at high noise. So it ignored the prompt (measured: samples matched the prompt's palette at chance
+    level). With v-prediction it must predict x_0 at high noise, where only the prompt tells it the palette.
+    """
+    from diffusers import DDIMScheduler
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**{**config, **overrides})
 
 
 MODEL_INDEX = {"_class_name": "DDPOTinyPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
