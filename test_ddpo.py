@@ -281,14 +281,16 @@ def test_one_is_step_moves_log_prob_with_the_advantage(random_model_dir, advanta
     args = small_args("--algo", "is", "--num-minibatches", "1", "--lr", "1e-4")
     traj = ddpo.rollout(models, ["cat"], args, torch.Generator().manual_seed(8))
     uncond = ddpo.encode_prompts(models, [""]).expand(1, -1, -1)
-    optimizer = torch.optim.AdamW(models.unet.parameters(), lr=args.lr)
+    # a small plain gradient step tests the estimator's direction (Adam's first step is ±lr on every weight,
+    # which can overshoot where log π is sharply curved, at the last steps' small σ_t)
+    optimizer = torch.optim.SGD(models.unet.parameters(), lr=1e-3)
     logs = ddpo.train_round(models, optimizer, traj, torch.tensor([advantage]), torch.zeros(1), args,
                             torch.Generator().manual_seed(0), uncond)
     assert logs["approx_kl"] < 1e-12 and logs["clipfrac"] == 0  # one minibatch: data from the current θ
     with torch.no_grad():
         after = torch.stack([ddpo.rescore(models, traj, torch.tensor([0]), torch.tensor([j]), uncond, args)
                              for j in range(4)]).sum()
-    assert direction * (after - traj.log_probs.sum()).item() > 1e-4
+    assert direction * (after - traj.log_probs.sum()).item() > 1e-3  # measured: ±0.01
 
 
 def test_batch_arithmetic_flags_decide_the_forward_passes(random_models):

@@ -9,10 +9,10 @@ procedurally drawn 32x32 images:
   - each sample draws a background texture at random, from flat to fine stripes. That gives the JPEG size the
     spread that compressibility / incompressibility fine-tuning then pushes one way or the other.
 
-Normal use never runs this file: tiny_model/ ships with the repository. To rebuild it exactly (about 25
+Normal use never runs this file: tiny_model/ ships with the repository. To rebuild it exactly (about 30
 minutes on 2 CPU cores):
 
-    python tiny_world.py --steps 3000 --seed 0 --out tiny_model
+    python tiny_world.py --steps 2000 --seed 0 --out tiny_model
 """
 import argparse
 import json
@@ -179,7 +179,7 @@ def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Pretrain the tiny built-in model on the toy world.")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps of batch 64")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps of batch 64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="tiny_model", help="output folder (diffusers save_pretrained layout)")
     a = p.parse_args()
