@@ -637,8 +637,13 @@ def load_trainable(models, path):
     models.unet.load_state_dict(state, strict=False)
 
 
+def checkpoints(run_dir):
+    """The whole checkpoints of a run, oldest first (epoch_NNNN.tmp folders are unfinished and never count)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
+
+
 def latest_checkpoint(run_dir):
-    done = sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))  # *.tmp are unfinished
+    done = checkpoints(run_dir)
     if not done:
         fail(f"{run_dir} has no checkpoint")
     return done[-1]
@@ -657,7 +662,7 @@ def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator):
                tmp / "state.pt")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # only now is it a checkpoint
-    for old in sorted(folder.parent.glob("epoch_[0-9][0-9][0-9][0-9]"))[:-1]:
+    for old in checkpoints(run_dir)[:-1]:
         shutil.rmtree(old)
 
 
@@ -770,7 +775,7 @@ def train(args):
             try:
                 logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
             except NonFiniteLoss as e:
-                kept = sorted((run_dir / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
+                kept = checkpoints(run_dir)
                 fail(f"non-finite {e} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with "
                      f"--resume {run_dir} (perhaps with a lower --lr)" if kept else "no checkpoint was written yet"))
             t3 = time.time()
@@ -826,7 +831,7 @@ def main(argv=None):
         return evaluate_run(args) if args.eval else train(args)
     except KeyboardInterrupt:
         run = Path(args.out_dir) / args.run_name
-        kept = sorted((run / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
+        kept = checkpoints(run)
         sys.exit(f"stopped; the last checkpoint ({kept[-1].name}) is kept: resume with --resume {run}" if kept
                  else "stopped before the first checkpoint was written; nothing to resume")
 
