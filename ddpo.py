@@ -130,7 +130,7 @@ def parse_args(argv=None) -> Args:
     for name, ok in checks.items():
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
-    minibatches = 1 if args.algo == "sf" else args.num_minibatches
+    minibatches = round_plan(args, args.num_steps)[0]
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % minibatches:
         p.error(f"--samples-per-epoch {args.samples_per_epoch} must be a multiple of --sample-batch-size "
                 f"{args.sample_batch_size} and of the {minibatches} minibatches")
@@ -497,6 +497,13 @@ def rwr_sparse_weights(rewards, threshold):
     return keep / keep.mean() if keep.any() else keep
 
 
+def round_plan(args, T):
+    """(minibatches, inner epochs, timesteps trained) of a round: sf takes one step on all samples, as its data
+    must come from the current θ; the others take num_minibatches steps per inner epoch."""
+    n_minibatches, inner_epochs = (1, 1) if args.algo == "sf" else (args.num_minibatches, args.inner_epochs)
+    return n_minibatches, inner_epochs, max(1, round(args.timestep_fraction * T))
+
+
 def rwr_loss(models, x0, cond, weights, generator):
     """RWR: the DDPM loss on the model's own samples x_0, each weighted (one-step MDP: a = x_0)."""
     return (weights * ddpm_loss(models, x0, cond, generator)).mean()
@@ -521,8 +528,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # fp16 needs loss scaling; fp32/bf16 do not
     B, T = traj.log_probs.shape
     sf = args.algo == "sf"
-    n_minibatches, inner_epochs = (1, 1) if sf else (args.num_minibatches, args.inner_epochs)
-    n_timesteps = max(1, round(args.timestep_fraction * T))
+    n_minibatches, inner_epochs, n_timesteps = round_plan(args, T)
     if args.algo == "rwr":
         weights = rwr_exponential_weights(advantages, args.rwr_beta)
     elif args.algo == "rwr-sparse":
@@ -704,10 +710,9 @@ class CtrlC:
 
 def describe(args, n_prompts):
     """The batch arithmetic, printed at start-up."""
-    sf, rwr = args.algo == "sf", args.algo.startswith("rwr")
-    n_mb, inner = (1, 1) if sf else (args.num_minibatches, args.inner_epochs)
+    rwr = args.algo.startswith("rwr")
+    n_mb, inner, n_t = round_plan(args, args.num_steps)
     mb = args.samples_per_epoch // n_mb
-    n_t = max(1, round(args.timestep_fraction * args.num_steps))
     name = {"sf": "DDPO_SF", "is": "DDPO_IS", "rwr": "RWR", "rwr-sparse": "RWR (sparse)"}[args.algo]
     return "\n".join([
         f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
