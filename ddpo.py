@@ -280,9 +280,11 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
     return models
 
 
-@torch.no_grad()
 def encode_prompts(models, prompts):
-    """The condition c as the UNet sees it: the text encoder's last hidden state (B, L, D)."""
+    """The condition c as the UNet sees it: the text encoder's last hidden state (B, L, D).
+
+    No gradient flows during DDPO (the text encoder is frozen); the tiny model's pretraining trains it through here.
+    """
     tok = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
     return models.text_encoder(tok.input_ids.to(models.device))[0]
@@ -749,7 +751,7 @@ def train(args):
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if start else []
     history = [h for h in history if h["epoch"] <= start]  # epochs after the checkpoint are done again
     eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
-    uncond = encode_prompts(models, [""]).expand(max(args.train_batch_size, 1), -1, -1)
+    uncond = encode_prompts(models, [""]).expand(args.train_batch_size, -1, -1)
 
     def evaluate(epoch):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
