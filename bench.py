@@ -22,35 +22,6 @@ import ddpo
 import tiny_world
 
 
-def sd_style(kind):
-    """A StableDiffusionPipeline folder with random weights: 'tiny-sd' (16x16 images) or 'sd14' (SD v1.4's shapes)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    big = kind == "sd14"
-    tokenizer = tiny_world.build_tokenizer(tiny_world.all_prompts(), max_length=77 if big else 16)
-    blocks = (128, 256, 512, 512) if big else (16, 32)
-    vae = AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * len(blocks),
-                        up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=4, layers_per_block=2 if big else 1,
-                        norm_num_groups=32 if big else 8, sample_size=512 if big else 16)
-    text = CLIPTextConfig(vocab_size=49408 if big else len(tokenizer), hidden_size=768 if big else 32,
-                          intermediate_size=3072 if big else 37, num_hidden_layers=12 if big else 2,
-                          num_attention_heads=12 if big else 4, max_position_embeddings=tokenizer.model_max_length,
-                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    unet = UNet2DConditionModel(
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8) if big else UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=16)
-    path = Path(tempfile.mkdtemp()) / kind
-    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
-                            scheduler=tiny_world.sd_v1_scheduler(), safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
-    return str(path)
-
-
 @torch.no_grad()
 def plain_diffusers_loop(models, prompts, args, generator):
     """What a plain sampler does: guided ε, then DDIMScheduler.step; no log-probs, no stored trajectory."""
@@ -127,7 +98,8 @@ def main():
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
     for name in opts.models.split(","):
-        bench(name, "tiny" if name == "tiny" else sd_style(name), opts)
+        path = "tiny" if name == "tiny" else tiny_world.save_sd_style_pipeline(Path(tempfile.mkdtemp()) / name, name == "sd14")
+        bench(name, str(path), opts)
 
 
 if __name__ == "__main__":

@@ -24,27 +24,8 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A Stable-Diffusion-1.x-shaped pipeline with random weights: 16x16 images, 4x8x8 latents."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(0)
-    tokenizer = tiny_world.build_tokenizer(tiny_world.all_prompts())
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16),
-        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-                                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                  attention_head_dim=8, norm_num_groups=16),
-        scheduler=tiny_world.sd_v1_scheduler(),  # Stable Diffusion v1's DDIM configuration, ε-prediction
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    path = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    pipe.save_pretrained(path)
-    return path
+    return tiny_world.save_sd_style_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
 def train_argv(model, out, name, *extra):

@@ -130,6 +130,35 @@ MODEL_INDEX = {"_class_name": "DDPOTinyPipeline", "unet": ["diffusers", "UNet2DC
                "scheduler": ["diffusers", "DDIMScheduler"]}
 
 
+def save_sd_style_pipeline(path, sd14_shapes=False):
+    """A StableDiffusionPipeline folder with random weights, for the tests and bench.py (no hub download):
+    16x16 images with 4x8x8 latents, or with sd14_shapes Stable Diffusion v1.4's exact UNet / VAE / text encoder."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    big = sd14_shapes
+    tokenizer = build_tokenizer(all_prompts(), max_length=77 if big else 16)
+    blocks = (128, 256, 512, 512) if big else (16, 32)
+    vae = AutoencoderKL(block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=4, layers_per_block=2 if big else 1,
+                        norm_num_groups=32 if big else 8, sample_size=512 if big else 16)
+    text = CLIPTextConfig(vocab_size=49408 if big else len(tokenizer), hidden_size=768 if big else 32,
+                          intermediate_size=3072 if big else 37, num_hidden_layers=12 if big else 2,
+                          num_attention_heads=12 if big else 4, max_position_embeddings=tokenizer.model_max_length,
+                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8) if big else UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=16)
+    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
+                            scheduler=sd_v1_scheduler(), safety_checker=None, feature_extractor=None,  # ε-prediction
+                            requires_safety_checker=False).save_pretrained(path)
+    return Path(path)
+
+
 def save_models(models, folder, index=MODEL_INDEX):
     """Every component in diffusers' save_pretrained layout, written to a temp folder and renamed into place."""
     folder = Path(folder)
