@@ -800,6 +800,21 @@ def train(args):
     return history
 
 
+def base_and_tuned(run, args):
+    """("base", models), then ("tuned", models). With LoRA they are one model, its adapter switched off for the
+    base (exactly the base model, tested): one UNet in memory and one load. A fully fine-tuned UNet is loaded
+    after the base one is released."""
+    if run.lora_rank > 0:
+        models = load_models(args.eval, args.device, mixed_precision=args.mixed_precision)  # base + adapter
+        models.unet.disable_adapters()
+        yield "base", models
+        models.unet.enable_adapters()
+        yield "tuned", models
+    else:
+        yield "base", load_models(run.model, args.device, mixed_precision=args.mixed_precision)
+        yield "tuned", load_models(args.eval, args.device, mixed_precision=args.mixed_precision)
+
+
 def evaluate_run(args):
     """The paper's Fig. 3 and its generalisation figure in one command: base | fine-tuned, same seeds."""
     quiet_libraries()
@@ -811,13 +826,13 @@ def evaluate_run(args):
     out = Path(args.eval) / "eval"
     out.mkdir(exist_ok=True)
     results = {}
-    for which, path in (("base", run.model), ("tuned", args.eval)):
-        models = load_models(path, args.device, 0, args.mixed_precision)  # a run folder brings its own rank
+    for which, models in base_and_tuned(run, args):
         for name, prompt_set in prompt_sets.items():
             prompts = random.Random(args.seed).choices(prompt_set, k=16)
             _, images = sample(models, prompts, run, torch.Generator().manual_seed(args.seed), run.sample_batch_size, f"{which} {name}")
             r, _ = compute_rewards(reward_fn, run.reward, images, prompts)
             results.setdefault(name, {"prompts": prompts})[which] = (images, r)
+        del models  # one UNet in memory at a time
     summary = {}
     for name, res in results.items():
         (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]

@@ -6,6 +6,7 @@ Ctrl-C, non-finite losses, --eval.
 """
 import json
 import math
+import random
 import signal
 import subprocess
 import sys
@@ -212,8 +213,9 @@ def test_bad_setup_flags_are_one_clear_line(argv, message):
 # --eval
 # --------------------------------------------------------------------------------------------------------
 
-def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path):
-    ddpo.main(train_argv(sd_dir, tmp_path, "run", "--algo", "is", "--lr", "1e-2"))
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path, lora_rank):
+    ddpo.main(train_argv(sd_dir, tmp_path, "run", "--algo", "is", "--lr", "1e-2", "--lora-rank", lora_rank))
     summary = ddpo.main(["--eval", str(tmp_path / "run"), "--eval-prompts", "unseen_animals"])
     saved = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert set(saved) == {"train", "heldout"} and saved["heldout"]["prompts"] == "unseen_animals"
@@ -222,3 +224,9 @@ def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path):
         assert saved[which]["base_reward_mean"] < 0 and saved[which]["tuned_reward_mean"] < 0  # jpeg: −kB
     assert summary == saved
     assert saved["train"]["base_reward_mean"] != saved["train"]["tuned_reward_mean"]
+    # "base" is the base model itself (with LoRA: the adapter switched off): sampled here independently
+    run = ddpo.load_run_args(tmp_path / "run")
+    prompts = random.Random(0).choices(ddpo.load_prompts(run.prompts), k=16)
+    _, images = ddpo.sample(ddpo.load_models(str(sd_dir), "cpu"), prompts, run, torch.Generator().manual_seed(0), 4)
+    r, _ = ddpo.compute_rewards(ddpo.load_reward(run), run.reward, images, prompts)
+    assert saved["train"]["base_reward_mean"] == r.mean().item()
