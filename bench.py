@@ -2,6 +2,7 @@
 
     python bench.py                         # the tiny model and a tiny SD-style pipeline, on this machine
     python bench.py --models sd14 --device cuda --mixed-precision fp16 --lora-rank 4 --batch-size 1
+    python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
 
 For each model: seconds per round split into sampling / reward / training, samples per second, peak memory,
 and the time of ddpo.rollout (DDIM step + exact log-prob, trajectory stored) relative to a plain diffusers
@@ -67,16 +68,22 @@ def bench(name, path, opts):
     uncond = ddpo.encode_prompts(models, [""]).expand(opts.batch_size, -1, -1)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
 
+    cuda = args.device.startswith("cuda")
     ddpo.rollout(models, prompts, args, g())  # warm-up (kernels, allocator)
     plain, _ = timed(lambda: plain_diffusers_loop(models, prompts, args, g()), args.device, opts.repeats)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     ours, traj = timed(lambda: ddpo.rollout(models, prompts, args, g()), args.device, opts.repeats)
     images = ddpo.decode(models, traj.states[:, -1])
+    sampling_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device, 1)
-    advantages = (r - r.mean()) / (r.std() + 1e-6)
-    if args.device.startswith("cuda"):
+    advantages = torch.linspace(-1, 1, len(r)) if len(r) > 1 else torch.ones(1)  # the cost does not depend on them
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond), args.device, 1)
-    peak = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU (training)" if args.device.startswith("cuda")
+    train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond, scaler),
+                       args.device, 1)
+    peak = (f"GPU {sampling_peak:.2f} GiB sampling, {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB training" if cuda
             else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process peak)")
     round_s = ours + reward_s + train_s
     print(f"{name:8s} | batch {opts.batch_size}, {args.num_steps} steps, LoRA {args.lora_rank}, {args.mixed_precision} | "
@@ -86,7 +93,9 @@ def bench(name, path, opts):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="tiny,tiny-sd", help="comma-separated: tiny, tiny-sd, sd14")
+    p.add_argument("--models", default="tiny,tiny-sd",
+                   help="comma-separated: tiny, tiny-sd, sd14, or a diffusers folder (e.g. one sd14 was saved to)")
+    p.add_argument("--save-to", help="build tiny-sd / sd14 in this folder and keep it (to measure it in a fresh process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--lora-rank", type=int, default=None, help="default: ddpo.py's (0 for tiny, 4 otherwise)")
@@ -98,8 +107,14 @@ def main():
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
     for name in opts.models.split(","):
-        path = "tiny" if name == "tiny" else tiny_world.save_sd_style_pipeline(Path(tempfile.mkdtemp()) / name, name == "sd14")
-        bench(name, str(path), opts)
+        if name in ("tiny-sd", "sd14"):  # random weights with the real shapes: built here, so this process's peak includes the build
+            path = tiny_world.save_sd_style_pipeline(Path(opts.save_to or tempfile.mkdtemp()) / name, name == "sd14")
+            if opts.save_to:
+                print(f"saved {path}; measure it with: python bench.py --models {path} ...")
+                continue
+        else:
+            path = name
+        bench(Path(name).name, str(path), opts)
 
 
 if __name__ == "__main__":

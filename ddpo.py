@@ -538,14 +538,14 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
         weights = rwr_sparse_weights(rewards, threshold)
     advantages = advantages.to(models.device)
     params = [p for p in models.unet.parameters() if p.requires_grad]
-    logs = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+    logs = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], "skipped": []}
     bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False)
     for _ in range(inner_epochs):
         # the timesteps each sample trains on, drawn per sample: (B, n_timesteps) step indices
         steps = torch.stack([torch.randperm(T, generator=generator)[:n_timesteps] for _ in range(B)])
         for minibatch in torch.randperm(B, generator=generator).chunk(n_minibatches):
             optimizer.zero_grad(set_to_none=True)
-            where = f"optimizer step {len(logs['grad_norm']) + 1}"
+            where = f"optimizer step {bar.n + 1}"
             for rows in minibatch.split(args.train_batch_size):
                 share = len(rows) / len(minibatch)  # chunks of a minibatch add up to its mean
                 if args.algo.startswith("rwr"):
@@ -564,13 +564,16 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
                         logs["clipfrac"].append(clipfrac.item())
                     backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[rows[0], k]].item()}")
                     logs["loss"].append(loss.item())
-            scaler.unscale_(optimizer)
+            scaler.unscale_(optimizer)  # the true gradients, before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if not torch.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step itself
+            if torch.isfinite(grad_norm):
+                logs["grad_norm"].append(grad_norm.item())
+            elif not scaler.is_enabled():
                 raise NonFiniteLoss(f"gradient norm {grad_norm.item()} at {where}")
+            if scaler.is_enabled():  # fp16: an overflowed step is skipped by scaler.step, and the scale lowered
+                logs["skipped"].append(float(not torch.isfinite(grad_norm)))
             scaler.step(optimizer)
             scaler.update()
-            logs["grad_norm"].append(grad_norm.item())
             bar.update()
             bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
     bar.close()

@@ -47,7 +47,7 @@ def without_times(rows):
 # Stable Diffusion through --model, LoRA, mixed precision
 # --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 @pytest.mark.parametrize("lora_rank", ["4", "0"])
 @pytest.mark.parametrize("algo", ["sf", "is", "rwr", "rwr-sparse"])
 def test_sd_pipeline_trains_with_each_algorithm(sd_dir, tmp_path, algo, lora_rank, precision):
@@ -63,10 +63,15 @@ def test_sd_pipeline_trains_with_each_algorithm(sd_dir, tmp_path, algo, lora_ran
     base_params = dict(base.unet.named_parameters())
     changed = {n.replace(".base_layer", "") for n, p in tuned.unet.named_parameters() if "lora_" not in n
                and not torch.equal(p, base_params[n.replace(".base_layer", "")])}
-    if lora_rank == "4":  # only the adapter trains; the base weights are exactly the pretrained ones
-        assert not changed and any("lora_" in n for n, _ in tuned.unet.named_parameters())
+    # fp16's loss scaler skips a step whose gradients overflowed (its first steps, at scale 2^16, often do); a
+    # run whose only step was skipped must leave every weight as it was
+    assert ("losses/skipped" in row) == (precision == "fp16")
+    updated = row.get("losses/skipped", 0.0) < 1.0
+    if lora_rank == "4":  # only the adapter trains (lora_B starts at 0); the base weights stay the pretrained ones
+        assert not changed
+        assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.unet.named_parameters()) == updated
     else:
-        assert changed
+        assert bool(changed) == updated
 
 
 def test_lora_adapter_off_gives_the_base_model_exactly(sd_dir):
@@ -93,9 +98,10 @@ def test_lora_weights_are_fp32_over_a_bf16_base(sd_dir):
     assert models.text_encoder.dtype == models.vae.dtype == torch.bfloat16
 
 
-def test_ratio_is_one_at_the_first_minibatch_under_bf16(sd_dir):
-    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="bf16")
-    args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "3", "--mixed-precision", "bf16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_ratio_is_one_at_the_first_minibatch_under_mixed_precision(sd_dir, precision):
+    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision=precision)
+    args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "3", "--mixed-precision", precision])
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(1))
     assert traj.states.dtype == traj.log_probs.dtype == torch.float32 and traj.states.shape == (4, 4, 4, 8, 8)
     uncond = ddpo.encode_prompts(models, [""]).expand(4, -1, -1)
@@ -104,6 +110,48 @@ def test_ratio_is_one_at_the_first_minibatch_under_bf16(sd_dir):
             for rows in (torch.arange(4), torch.tensor([1, 3]), torch.tensor([2])):
                 log_prob = ddpo.rescore(models, traj, rows, torch.full((len(rows),), j), uncond, args)
                 assert (torch.exp(log_prob - traj.log_probs[rows, j]) - 1).abs().max().item() < 1e-6
+
+
+def one_round(sd_dir, scaler, optimizer_cls=torch.optim.SGD, hook=None, max_grad_norm="1e-3"):
+    """One DDPO_IS round of fp32 LoRA on the tiny SD pipeline from a fixed adapter; returns (adapter before, after)."""
+    torch.manual_seed(3)  # the same adapter initialisation every call
+    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4)
+    args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+                            "--num-minibatches", "1", "--max-grad-norm", max_grad_norm])
+    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(1))
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    if hook:
+        params[0].register_hook(hook)
+    before = [p.detach().clone() for p in params]
+    logs = ddpo.train_round(models, optimizer_cls(params, lr=1.0), traj, torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                            torch.zeros(4), args, torch.Generator().manual_seed(2),
+                            ddpo.encode_prompts(models, [""]).expand(4, -1, -1), scaler)
+    return before, [p.detach() for p in params], logs
+
+
+def test_fp16_loss_scaling_gives_the_unscaled_update(sd_dir):
+    """The scaler multiplies the loss by 2^10 and must divide the gradients back before clipping: with SGD
+    (unlike Adam, not invariant to the gradient's scale) and a clip norm the gradient exceeds, any slip shows."""
+    _, plain, logs = one_round(sd_dir, torch.amp.GradScaler("cpu", enabled=False))
+    before, scaled, scaled_logs = one_round(sd_dir, torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    assert logs["grad_norm"] > 1e-3  # clipping is active
+    assert scaled_logs["grad_norm"] == pytest.approx(logs["grad_norm"], rel=1e-5) and scaled_logs["skipped"] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, plain))
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # the update's size is the clip norm: lr 1 x gradient clipped to 1e-3
+    step = torch.cat([(a - b).flatten() for a, b in zip(plain, before)]).norm().item()
+    assert step == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_an_overflowed_fp16_step_is_skipped_and_anywhere_else_stops_the_run(sd_dir):
+    overflow = lambda g: g * float("inf")  # noqa: E731  a gradient that overflowed
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before, after, logs = one_round(sd_dir, scaler, hook=overflow)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and logs["skipped"] == 1.0
+    assert scaler.get_scale() == 2.0**9  # halved, as torch.amp does after an overflow
+    with pytest.raises(ddpo.NonFiniteLoss, match="gradient norm (inf|nan) at optimizer step 1"):
+        one_round(sd_dir, torch.amp.GradScaler("cpu", enabled=False), hook=overflow)
 
 
 # --------------------------------------------------------------------------------------------------------
