@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -660,6 +661,14 @@ def latest_checkpoint(run_dir):
     return done[-1]
 
 
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator):
     from safetensors.torch import save_file
 
@@ -671,8 +680,11 @@ def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator):
     torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
                 "python_rng": rng.getstate(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
                tmp / "state.pt")
+    for path in (tmp / "trainable.safetensors", tmp / "state.pt", tmp):
+        fsync(path)  # on disk before the rename, so not even a power cut can leave a renamed but empty checkpoint
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # only now is it a checkpoint
+    fsync(folder.parent)
     for old in checkpoints(run_dir)[:-1]:
         shutil.rmtree(old)
 

@@ -193,6 +193,49 @@ def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, 
     assert [r["epoch"] for r in metrics(run)] == [0, 1, 2]
 
 
+CHECKPOINT_WRITER = """
+import random, sys, torch, ddpo
+run = sys.argv[1]
+models = ddpo.load_models("tiny", "cpu")
+params = [p for p in models.unet.parameters() if p.requires_grad]
+optimizer, tracker, rng, generator = torch.optim.AdamW(params), ddpo.PerPromptStatTracker(16, 4), random.Random(0), torch.Generator()
+start = ddpo.load_checkpoint(ddpo.latest_checkpoint(run), models, optimizer, tracker, rng, generator) if ddpo.checkpoints(run) else 0
+for epoch in range(start + 1, 10**6):
+    with torch.no_grad():
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()  # optimizer state to save too
+        for p in params:
+            p.fill_(epoch)  # the weights say which epoch wrote them
+    ddpo.save_checkpoint(run, epoch, models, optimizer, tracker, rng, generator)
+    print(epoch, flush=True)
+"""
+
+
+def test_a_checkpointing_process_killed_with_sigkill_always_leaves_a_whole_checkpoint(tmp_path):
+    """A real kill -9 of a process that does nothing but write checkpoints: the moment a new epoch_N.tmp appears,
+    and 20 and 40 ms into that write. Each time the newest whole checkpoint loads and holds its own epoch's weights."""
+    run, killed_mid_write = tmp_path / "r", 0
+    for delay in (0.0, 0.02, 0.04):
+        writer = subprocess.Popen([sys.executable, "-c", CHECKPOINT_WRITER, str(run)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+        first = int(writer.stdout.readline())  # this process has written a checkpoint …
+        deadline = time.time() + 60
+        while not any((run / "checkpoints").glob("*.tmp")) and time.time() < deadline:
+            time.sleep(0.001)  # … and has started the next one
+        time.sleep(delay)
+        writer.kill()
+        writer.wait()
+        killed_mid_write += any((run / "checkpoints").glob("*.tmp"))
+        models = ddpo.load_models("tiny", "cpu")
+        params = [p for p in models.unet.parameters() if p.requires_grad]
+        latest = ddpo.latest_checkpoint(run)
+        epoch = ddpo.load_checkpoint(latest, models, torch.optim.AdamW(params), ddpo.PerPromptStatTracker(16, 4),
+                                     random.Random(0), torch.Generator())
+        assert epoch == int(latest.name.removeprefix("epoch_")) >= first
+        assert all(torch.all(p == epoch) for p in params)
+    assert killed_mid_write >= 1  # the kills did land inside a write (writing one takes about 50 ms)
+
+
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     real_loss, calls = ddpo.ddpo_is_loss, []
 
