@@ -40,6 +40,28 @@ def plain_diffusers_loop(models, prompts, args, generator):
     return x
 
 
+def reset_peak(cuda):
+    """Start a new peak-memory window: CUDA's allocator counter, or on Linux the process's peak RSS (VmHWM)."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # not Linux: the peak then counts from the process's start
+
+
+def peak_gib(cuda):
+    """Peak memory since reset_peak: GPU memory allocated by tensors, or resident memory of this process."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # kB
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -61,6 +83,8 @@ def bench(name, path, opts):
     if opts.lora_rank is not None:
         argv += ["--lora-rank", str(opts.lora_rank)]
     args = ddpo.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    reset_peak(cuda)
     models = ddpo.load_models(path, args.device, args.lora_rank, args.mixed_precision)
     reward_fn = ddpo.load_reward(args)
     prompts = random.Random(0).choices(ddpo.load_prompts(args.prompts), k=opts.batch_size)
@@ -68,23 +92,21 @@ def bench(name, path, opts):
     uncond = ddpo.encode_prompts(models, [""]).expand(opts.batch_size, -1, -1)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
 
-    cuda = args.device.startswith("cuda")
+    loaded = peak_gib(cuda)  # loading: on CPU also the fp32 weights read before the cast to --mixed-precision
     ddpo.rollout(models, prompts, args, g())  # warm-up (kernels, allocator)
     plain, _ = timed(lambda: plain_diffusers_loop(models, prompts, args, g()), args.device, opts.repeats)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(cuda)
     ours, traj = timed(lambda: ddpo.rollout(models, prompts, args, g()), args.device, opts.repeats)
     images = ddpo.decode(models, traj.states[:, -1])
-    sampling_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    sampling_peak = peak_gib(cuda)
     reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device, 1)
     advantages = torch.linspace(-1, 1, len(r)) if len(r) > 1 else torch.ones(1)  # the cost does not depend on them
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(cuda)
     train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond, scaler),
                        args.device, 1)
-    peak = (f"GPU {sampling_peak:.2f} GiB sampling, {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB training" if cuda
-            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS (process peak)")
+    peak = (f"{'GPU' if cuda else 'RSS'} {loaded:.2f} GiB loading, {sampling_peak:.2f} sampling, "
+            f"{peak_gib(cuda):.2f} training")
     round_s = ours + reward_s + train_s
     print(f"{name:8s} | batch {opts.batch_size}, {args.num_steps} steps, LoRA {args.lora_rank}, {args.mixed_precision} | "
           f"round {round_s:.2f} s = sampling {ours:.2f} + reward {reward_s:.3f} + training {train_s:.2f} | "

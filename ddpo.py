@@ -178,7 +178,8 @@ def ddim_step(scheduler, model_output, x_t, t, eta):
     view = (-1,) + (1,) * (x_t.ndim - 1)
     alpha_bar = alphas[t].view(view)
     # the last step uses the scheduler's final ᾱ (ᾱ_0 < 1 for SD), which keeps σ_t > 0
-    alpha_bar_prev = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], scheduler.final_alpha_cumprod).view(view)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=x_t.device)
+    alpha_bar_prev = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)], final).view(view)
     if scheduler.config.prediction_type == "epsilon":
         eps = model_output
         x0_hat = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
