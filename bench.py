@@ -67,13 +67,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
+def timed(fn, device):
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
+    out = fn()
     sync(device)
-    return (time.perf_counter() - t0) / repeats, out
+    return time.perf_counter() - t0, out
 
 
 def bench(name, path, opts):
@@ -94,17 +93,21 @@ def bench(name, path, opts):
 
     loaded = peak_gib(cuda)  # loading: on CPU also the fp32 weights read before the cast to --mixed-precision
     ddpo.rollout(models, prompts, args, g())  # warm-up (kernels, allocator)
-    plain, _ = timed(lambda: plain_diffusers_loop(models, prompts, args, g()), args.device, opts.repeats)
-    reset_peak(cuda)
-    ours, traj = timed(lambda: ddpo.rollout(models, prompts, args, g()), args.device, opts.repeats)
+    plain_s, ours_s = [], []
+    for _ in range(opts.repeats):  # alternated, and the fastest of each kept: the machine's drift hits both alike
+        plain_s.append(timed(lambda: plain_diffusers_loop(models, prompts, args, g()), args.device)[0])
+        reset_peak(cuda)
+        t, traj = timed(lambda: ddpo.rollout(models, prompts, args, g()), args.device)
+        ours_s.append(t)
+    plain, ours = min(plain_s), min(ours_s)
     images = ddpo.decode(models, traj.states[:, -1])
     sampling_peak = peak_gib(cuda)
-    reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device, 1)
+    reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device)
     advantages = torch.linspace(-1, 1, len(r)) if len(r) > 1 else torch.ones(1)  # the cost does not depend on them
     scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
     reset_peak(cuda)
     train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond, scaler),
-                       args.device, 1)
+                       args.device)
     peak = (f"{'GPU' if cuda else 'RSS'} {loaded:.2f} GiB loading, {sampling_peak:.2f} sampling, "
             f"{peak_gib(cuda):.2f} training")
     round_s = ours + reward_s + train_s
@@ -123,7 +126,7 @@ def main():
     p.add_argument("--lora-rank", type=int, default=None, help="default: ddpo.py's (0 for tiny, 4 otherwise)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3, help="rollouts timed per loop (the mean is printed)")
+    p.add_argument("--repeats", type=int, default=5, help="rollouts timed per loop, alternating (the fastest is printed)")
     opts = p.parse_args()
     ddpo.quiet_libraries()
     print(f"torch {torch.__version__}, device {opts.device}"

@@ -108,8 +108,13 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f"error: {message} (see --help)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: …)" only where there is one; the help text explains the rest
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> Args:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     choices = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch"),
                "mixed_precision": tuple(PRECISIONS)}
     for f in dataclasses.fields(Args):
