@@ -675,7 +675,7 @@ def fsync(path):
         os.close(fd)
 
 
-def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator):
+def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler=None):
     from safetensors.torch import save_file
 
     folder = Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
@@ -684,7 +684,8 @@ def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator):
     tmp.mkdir(parents=True)
     save_file(trainable_state(models), tmp / "trainable.safetensors")
     torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
-                "python_rng": rng.getstate(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
+                "python_rng": rng.getstate(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "scaler": scaler.state_dict() if scaler else {}},  # fp16's loss scale: {} when not in use
                tmp / "state.pt")
     for path in (tmp / "trainable.safetensors", tmp / "state.pt", tmp):
         fsync(path)  # on disk before the rename, so not even a power cut can leave a renamed but empty checkpoint
@@ -695,7 +696,7 @@ def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator):
         shutil.rmtree(old)
 
 
-def load_checkpoint(folder, models, optimizer, tracker, rng, generator):
+def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=None):
     """Restore everything a round depends on; returns the epoch the checkpoint was written after."""
     try:
         load_trainable(models, folder / "trainable.safetensors")
@@ -705,6 +706,8 @@ def load_checkpoint(folder, models, optimizer, tracker, rng, generator):
         rng.setstate(state["python_rng"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if scaler and scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         return state["epoch"]
     except Exception as e:  # a truncated file can fail in safetensors, pickle or the optimizer; all mean one thing
         fail(f"checkpoint {folder} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
@@ -762,7 +765,7 @@ def train(args):
     generator = torch.Generator().manual_seed(args.seed)
     start = 0
     if args.resume:
-        start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator)
+        start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator, scaler)
     print(describe(args, len(prompt_set)))
     print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
           f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
@@ -813,7 +816,7 @@ def train(args):
                  "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
             epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
             if epoch % args.save_every == 0 or epoch == args.epochs or ctrl_c.requested:
-                save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator)
+                save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler)
             if ctrl_c.requested and epoch < args.epochs:
                 sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}")
     print(f"eval reward {history[0]['eval/reward_mean']:.4g} → {history[-1]['eval/reward_mean']:.4g}; "

@@ -171,9 +171,13 @@ def test_an_overflowed_fp16_step_is_skipped_and_anywhere_else_stops_the_run(sd_d
 # Checkpoints, resume, failures that lose nothing
 # --------------------------------------------------------------------------------------------------------
 
-def test_resume_gives_the_same_metrics_as_training_straight(tmp_path):
+@pytest.mark.parametrize("setup", ["tiny", "sd-fp16"])
+def test_resume_gives_the_same_metrics_as_training_straight(tmp_path, sd_dir, setup):
+    """Also under fp16, where the loss scale (lowered after the first step overflows) is part of the state."""
     common = ["--epochs", "2", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
               "--num-minibatches", "2", "--out-dir", str(tmp_path), "--seed", "5", "--save-every", "1"]
+    if setup == "sd-fp16":
+        common += ["--model", str(sd_dir), "--mixed-precision", "fp16", "--lora-rank", "0", "--lr", "1e-3"]
     ddpo.main([*common, "--run-name", "straight"])
     ddpo.main([*common, "--run-name", "halves", "--epochs", "1"])
     assert [p.name for p in (tmp_path / "halves" / "checkpoints").iterdir()] == ["epoch_0001"]
@@ -182,6 +186,8 @@ def test_resume_gives_the_same_metrics_as_training_straight(tmp_path):
     assert [r["epoch"] for r in halves] == [0, 1, 2]
     assert without_times(straight) == without_times(halves)
     assert [p.name for p in (tmp_path / "halves" / "checkpoints").iterdir()] == ["epoch_0002"]  # older ones go
+    if setup == "sd-fp16":
+        assert straight[1]["losses/skipped"] > 0  # the scale did change in epoch 1
 
 
 def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, monkeypatch):
