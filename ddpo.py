@@ -154,12 +154,17 @@ def fail(message):
 
 def quiet_libraries():
     """Our own progress bars and error lines are the ones that matter; silence the libraries' loading chatter."""
+    import warnings
+
     import diffusers
+    import huggingface_hub
     import transformers
 
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retry messages while the hub is unreachable
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)  # diffusers → hub
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,9 +273,7 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if "vae" in components else None,
             device=device, dtype=PRECISIONS[mixed_precision])
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load model {name!r} ({first_line}); the hub may be unreachable: --model tiny or a local "
-             f"folder works offline")
+        fail(model_load_error(name, e))
     for module in (models.text_encoder, models.vae):  # frozen: no gradients, stored in the run's precision
         if module is not None:
             module.requires_grad_(False).eval().to(device, models.dtype)
@@ -285,6 +288,23 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
                 p.data = p.data.float()
     models.unet.to(device).train()
     return models
+
+
+def model_load_error(name, error):
+    """One line on why --model could not be loaded: a broken local folder, an unreachable hub, or a bad id."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    chain = [error]  # the hub's own exception, and the network error under it, sit in the __cause__ chain
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    first_line = lambda e: (str(e).strip().splitlines() or [type(e).__name__])[0]  # noqa: E731
+    if Path(name).exists():
+        return f"cannot load model folder {name} ({first_line(error)}): it needs a diffusers pipeline layout"
+    if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
+        return (f"cannot load model {name!r}: no such local folder, and the hub is unreachable ({first_line(chain[-1])}) "
+                f"with no cached copy; --model tiny or a local folder works offline")
+    return (f"cannot load model {name!r} ({first_line(error)}); if it is a hub id, the hub may be unreachable: "
+            f"--model tiny or a local folder works offline")
 
 
 def encode_prompts(models, prompts):

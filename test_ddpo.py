@@ -5,6 +5,7 @@
 import io
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -436,6 +437,24 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, argv, mess
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_hub_id_with_the_hub_unreachable_is_one_line_saying_so(tmp_path):
+    """A closed local port stands in for the hub: the library's retry chatter (about 25 s of it) is silenced."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}  # 9: discard, closed
+    result = subprocess.run([sys.executable, str(HERE / "ddpo.py"), "--model", "some-org/some-model", "--out-dir",
+                             str(tmp_path / "runs")], capture_output=True, text=True, timeout=300, env=env)
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cannot load model 'some-org/some-model': no such local folder, and the hub is "
+                               "unreachable (") and lines[0].endswith("--model tiny or a local folder works offline")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_folder_that_is_not_a_pipeline_is_one_line_naming_it(tmp_path):
+    result = run_cli("--model", str(tmp_path), "--out-dir", str(tmp_path / "runs"))
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith(f"error: cannot load model folder {tmp_path} (")
 
 
 def test_empty_prompt_file_is_an_error(tmp_path):
