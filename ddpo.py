@@ -291,20 +291,20 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
 
 
 def model_load_error(name, error):
-    """One line on why --model could not be loaded: a broken local folder, an unreachable hub, or a bad id."""
+    """One line on why --model could not be loaded: a local folder that is no pipeline, an unreachable hub, or else."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     chain = [error]  # the hub's own exception, and the network error under it, sit in the __cause__ chain
-    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    first_line = lambda e: (str(e).strip().splitlines() or [type(e).__name__])[0]  # noqa: E731
+    line = lambda e: (str(e).strip().splitlines() or [type(e).__name__])[0]  # noqa: E731
     if Path(name).exists():
-        return f"cannot load model folder {name} ({first_line(error)}): it needs a diffusers pipeline layout"
+        return f"cannot load model folder {name} ({line(error)}): it needs a diffusers pipeline layout"
     if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
-        return (f"cannot load model {name!r}: no such local folder, and the hub is unreachable ({first_line(chain[-1])}) "
+        return (f"cannot load model {name!r}: no such local folder, and the hub is unreachable ({line(chain[-1])}) "
                 f"with no cached copy; --model tiny or a local folder works offline")
-    return (f"cannot load model {name!r} ({first_line(error)}); if it is a hub id, the hub may be unreachable: "
-            f"--model tiny or a local folder works offline")
+    return (f"cannot load model {name!r} ({line(error)}); if it is a hub id, the hub may be unreachable: --model tiny "
+            f"or a local folder works offline")
 
 
 def encode_prompts(models, prompts):
@@ -647,8 +647,7 @@ def plot_reward_curve(history, path):
         ax.plot(e, m, label="training samples (mean ± std)")
         ax.fill_between(e, m - s, m + s, alpha=0.2)
     ax.plot([h["epoch"] for h in history], [h["eval/reward_mean"] for h in history], "o-", label="fixed eval samples")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("reward")
+    ax.set(xlabel="epoch", ylabel="reward")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
