@@ -567,12 +567,14 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
     params = [p for p in models.unet.parameters() if p.requires_grad]
     logs = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], "skipped": []}
     bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False)
+    n_steps = 0
     for _ in range(inner_epochs):
         # the timesteps each sample trains on, drawn per sample: (B, n_timesteps) step indices
         steps = torch.stack([torch.randperm(T, generator=generator)[:n_timesteps] for _ in range(B)])
         for minibatch in torch.randperm(B, generator=generator).chunk(n_minibatches):
             optimizer.zero_grad(set_to_none=True)
-            where = f"optimizer step {bar.n + 1}"
+            n_steps += 1
+            where = f"optimizer step {n_steps}"
             for rows in minibatch.split(args.train_batch_size):
                 share = len(rows) / len(minibatch)  # chunks of a minibatch add up to its mean
                 if args.algo.startswith("rwr"):
@@ -687,7 +689,10 @@ def latest_checkpoint(run_dir):
 
 
 def fsync(path):
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its files were synced
+        return
     try:
         os.fsync(fd)
     finally:
