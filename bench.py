@@ -104,9 +104,8 @@ def bench(name, path, opts):
     sampling_peak = peak_gib(cuda)
     reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device)
     advantages = torch.linspace(-1, 1, len(r)) if len(r) > 1 else torch.ones(1)  # the cost does not depend on them
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
     reset_peak(cuda)
-    train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond, scaler),
+    train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond),
                        args.device)
     peak = (f"{'GPU' if cuda else 'RSS'} {loaded:.2f} GiB loading, {sampling_peak:.2f} sampling, "
             f"{peak_gib(cuda):.2f} training")

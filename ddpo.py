@@ -548,13 +548,18 @@ def backward(loss, scale, scaler, where):
     scaler.scale(loss * scale).backward()
 
 
+def loss_scaler(args):
+    """fp16 needs loss scaling (its small gradients underflow); fp32 and bf16 do not: a disabled scaler."""
+    return torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
+
+
 def train_round(models, optimizer, traj, advantages, rewards, args, generator, uncond, scaler=None):
     """One round of optimisation on the round's samples; returns the mean of each logged quantity.
 
     Gradients accumulate over every trained timestep with one backward per timestep (memory does not grow
     with T). Each step's loss is scaled by 1/n_timesteps: the paper's sum over t, divided by a constant.
     """
-    scaler = scaler or torch.amp.GradScaler(enabled=False)  # fp16 needs loss scaling; fp32/bf16 do not
+    scaler = scaler or loss_scaler(args)  # train() passes its own, whose scale carries over from round to round
     B, T = traj.log_probs.shape
     sf = args.algo == "sf"
     n_minibatches, inner_epochs, n_timesteps = round_plan(args, T)
@@ -782,7 +787,7 @@ def train(args):
     run_dir = Path(args.out_dir) / args.run_name
     params = [p for p in models.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
+    scaler = loss_scaler(args)
     tracker = PerPromptStatTracker(args.buffer_size, args.min_count)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
