@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import ddpo
+import runfiles
 import tiny_world
 
 
@@ -127,7 +128,7 @@ def main():
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5, help="rollouts timed per loop, alternating (the fastest is printed)")
     opts = p.parse_args()
-    ddpo.quiet_libraries()
+    runfiles.quiet_libraries()
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
     for name in opts.models.split(","):

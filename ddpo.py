@@ -21,9 +21,9 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import rewards as rewards_lib
+import runfiles
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "tiny_model"  # the built-in pretrained model (see tiny_world.py for how it was made)
@@ -63,23 +64,29 @@ class Args:
     run_name: str = arg("", "folder name under --out-dir; default {reward}__{algo}__{seed}__{time}")
     out_dir: str = arg("runs", "where runs are written")
     save_every: int = arg(5, "write a checkpoint every N epochs (and after the last)")
-    resume: str = arg("", "a run folder: continue it from its last checkpoint with its saved settings "
-                          "(--epochs, --save-every and --device may change)")
+    resume: str = arg("", "a run folder: continue it from its last checkpoint with its saved settings; only "
+                          "--epochs, --save-every and --device may change")
     eval: str = arg("", "a run folder: sample the base and the fine-tuned model with the same seeds on the training "
-                        "prompts and --eval-prompts, write side-by-side grids and mean rewards, and exit")
+                        "prompts and --eval-prompts, write side-by-side grids and mean rewards, and exit (in the "
+                        "run's --mixed-precision unless given)")
     eval_prompts: str = arg("", "held-out prompt set for --eval; default: the run's reward's generalisation set")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     # --- sampling: the policy (§3.1)
     samples_per_epoch: int = arg(16, "trajectories sampled per round (paper: 256)")
+    samples_per_prompt: int = arg(1, "k: each round draws samples_per_epoch / k prompts and k trajectories of each "
+                                     "(distinct noise); with k ≥ 2 a prompt's advantage uses its own group's statistics "
+                                     "until its buffer holds --min-count rewards (group sampling, as in Flow-GRPO)")
     sample_batch_size: int = arg(16, "trajectories per sampling forward pass")
     num_steps: int = arg(20, "T, DDIM denoising steps per trajectory (paper: 50)")
-    eta: float = arg(1.0, "η, DDIM noise scale; σ_t must be > 0 for the policy to have a density (paper: 1)")
+    eta: float = arg(1.0, "η, DDIM noise scale, 0 < η ≤ 1: σ_t must be > 0 for the policy to have a density, and "
+                          "above 1 the DDIM mean is undefined (paper: 1)")
     guidance_scale: float = arg(5.0, "w, classifier-free guidance in sampling and training (paper: 5)")
     # --- advantages (§4.4)
     advantage: str = arg("per-prompt", "per-prompt: normalise r by each prompt's recent rewards; "
                                        "batch: normalise by the round's mean and std")
     buffer_size: int = arg(16, "rewards kept per prompt by the per-prompt tracker")
-    min_count: int = arg(16, "a prompt uses its own statistics once it has this many rewards, batch stats before")
+    min_count: int = arg(16, "a prompt uses its buffer's statistics once it has this many rewards; before, its "
+                             "group's (--samples-per-prompt ≥ 2) or else the batch's")
     adv_clip: float = arg(5.0, "advantages are clipped to ±adv_clip")
     # --- optimisation
     lr: float = arg(1e-4, "AdamW learning rate (the tiny model's full fine-tuning; LoRA on SD: 3e-4)")
@@ -91,7 +98,9 @@ class Args:
                                    "accumulated over several passes")
     timestep_fraction: float = arg(1.0, "fraction of the T timesteps trained on, drawn per sample")
     clip_range: float = arg(1e-4, "ε, DDPO_IS ratio clip: loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε))")
-    rwr_beta: float = arg(1.0, "β, RWR inverse temperature: w = exp(β·A)/Z on the normalised advantage A")
+    rwr_weights: str = arg("reward", "what RWR's weights exponentiate: reward = the paper's w = exp(β·r)/Z; "
+                                        "advantage = w = exp(β·A)/Z on the normalised, clipped advantage A")
+    rwr_beta: float = arg(1.0, "β ≥ 0, RWR inverse temperature in w = exp(β·r)/Z or exp(β·A)/Z (see --rwr-weights)")
     rwr_threshold: Optional[float] = arg(None, "C, rwr-sparse keeps samples with r ≥ C; default: the 90th "
                                                "percentile of the round's rewards")
     # --- the learned rewards' models (rewards.py): hub ids, or local folders to work offline
@@ -113,36 +122,60 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
+CHOICES = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch"),
+           "rwr_weights": ("reward", "advantage"), "mixed_precision": ("no", "fp16", "bf16")}
+RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
+
+
 def parse_args(argv=None) -> Args:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    choices = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch"),
-               "mixed_precision": tuple(PRECISIONS)}
     for f in dataclasses.fields(Args):
         kind = {"rwr_threshold": float, "lora_rank": int}.get(f.name, f.type)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                       choices=choices.get(f.name), help=f.metadata["help"])
+                       choices=CHOICES.get(f.name), help=f.metadata["help"])
     args = Args(**vars(p.parse_args(argv)))
-    if args.resume:  # the run's own settings, except what may change between sessions
+    unset = object()  # argparse fills in no default where the namespace already has a value
+    given = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})))
+    typed = {name for name, value in given.items() if value is not unset}  # typed, even if equal to the default
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.resume:  # the run's own settings; a typed flag that would change one of the others is refused
         saved = load_run_args(args.resume)
-        changed = {k: getattr(args, k) for k in ("epochs", "save_every", "device")
-                   if getattr(args, k) != Args.__dataclass_fields__[k].default}
+        refused = sorted(k for k in typed - {"resume", *RESUME_MAY_CHANGE} if getattr(args, k) != getattr(saved, k))
+        if refused:
+            p.error(f"--resume continues {args.resume} with its own settings: {', '.join(map(flag, refused))} cannot "
+                    f"change (only {', '.join(map(flag, RESUME_MAY_CHANGE))} can)")
         args = dataclasses.replace(saved, resume=args.resume, out_dir=str(Path(args.resume).parent),
-                                   run_name=Path(args.resume).name, eval="", **changed)
-    positive = ("eta", "clip_range", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size",
+                                   run_name=Path(args.resume).name, eval="",
+                                   **{k: getattr(args, k) for k in typed & set(RESUME_MAY_CHANGE)})
+    positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
                 "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every")
-    checks = {**{name: getattr(args, name) > 0 for name in positive}, "epochs": args.epochs >= 0, "lr": args.lr >= 0,
-              "timestep_fraction": 0 < args.timestep_fraction <= 1,
-              "lora_rank": args.lora_rank is None or args.lora_rank >= 0}
-    for name, ok in checks.items():
+    finite = ("eta", "guidance_scale", "adv_clip", "lr", "max_grad_norm", "timestep_fraction", "clip_range",
+              "rwr_beta", "rwr_threshold")
+    checks = {**{name: (getattr(args, name) > 0, "> 0") for name in positive},
+              "lr": (args.lr >= 0, "≥ 0"), "rwr_beta": (args.rwr_beta >= 0, "≥ 0"),
+              "eta": (0 < args.eta <= 1, "0 < η ≤ 1"), "timestep_fraction": (0 < args.timestep_fraction <= 1, "in (0, 1]"),
+              "lora_rank": (args.lora_rank is None or args.lora_rank >= 0, "≥ 0")}
+    checks.update({name: (False, "finite") for name in finite
+                   if getattr(args, name) is not None and not math.isfinite(getattr(args, name))})
+    for name, (ok, allowed) in checks.items():
         if not ok:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+            p.error(f"{flag(name)} {getattr(args, name)} is out of range (must be {allowed})")
     minibatches = round_plan(args, args.num_steps)[0]
-    if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % minibatches:
-        p.error(f"--samples-per-epoch {args.samples_per_epoch} must be a multiple of --sample-batch-size "
-                f"{args.sample_batch_size} and of the {minibatches} minibatches")
+    for name, n in (("--sample-batch-size", args.sample_batch_size), ("--samples-per-prompt", args.samples_per_prompt),
+                    ("--num-minibatches", minibatches)):
+        if args.samples_per_epoch % n:
+            p.error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
     args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS[args.reward]
-    if args.lora_rank is None:  # a run folder keeps its own rank
-        args.lora_rank = load_run_args(args.model).lora_rank if is_run(args.model) else 0 if args.model == "tiny" else 4
+    if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full UNet
+        rank = load_run_args(args.model).lora_rank
+        if "lora_rank" in typed and args.lora_rank != rank:
+            p.error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
+                    f"cannot change that")
+        args.lora_rank = rank
+    elif args.lora_rank is None:
+        args.lora_rank = 0 if args.model == "tiny" else 4
+    if args.eval and "mixed_precision" not in typed:  # --eval samples in the run's own precision
+        args.mixed_precision = load_run_args(args.eval).mixed_precision
     args.run_name = args.run_name or f"{args.reward}__{args.algo}__{args.seed}__{int(time.time())}"
     return args
 
@@ -150,21 +183,6 @@ def parse_args(argv=None) -> Args:
 def fail(message):
     """Stop with one clear line on stderr and a non-zero exit."""
     raise SystemExit(f"error: {message}")
-
-
-def quiet_libraries():
-    """Our own progress bars and error lines are the ones that matter; silence the libraries' loading chatter."""
-    import warnings
-
-    import diffusers
-    import huggingface_hub
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.logging.set_verbosity_error()  # its retry messages while the hub is unreachable
-    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)  # diffusers → hub
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,6 +214,9 @@ def ddim_step(scheduler, model_output, x_t, t, eta):
     elif scheduler.config.prediction_type == "v_prediction":  # SD 2.x 768-v
         x0_hat = alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
         eps = alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * x_t
+    elif scheduler.config.prediction_type == "sample":  # the model predicts x_0 itself
+        x0_hat = model_output
+        eps = (x_t - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
     else:
         raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported")
     if scheduler.config.clip_sample:
@@ -207,11 +228,37 @@ def ddim_step(scheduler, model_output, x_t, t, eta):
     return mean, sigma_t
 
 
+def check_scheduler(scheduler, num_steps):
+    """Why ddim_step cannot serve this scheduler as a policy with a density equal to DDIMScheduler.step, or None:
+    σ_t = 0 at the last step, thresholding (dynamic x̂_0 clipping for pixel-space models: not implemented
+    here), or a timestep spacing whose next timestep is not the one DDIMScheduler.step steps to (t − 1000 // T)."""
+    config = scheduler.config
+    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        return f"prediction_type {config.prediction_type!r} is not one of epsilon, v_prediction, sample"
+    if config.set_alpha_to_one:
+        return ("set_alpha_to_one=True makes the last DDIM step deterministic (σ_t = 0, no density); set it to false "
+                "in scheduler/scheduler_config.json, as Stable Diffusion does")
+    if config.thresholding:
+        return "thresholding=True is not supported (set it to false in scheduler/scheduler_config.json)"
+    try:
+        scheduler.set_timesteps(num_steps)
+    except ValueError as e:  # e.g. more steps than the model's training timesteps
+        return f"scheduler refuses {num_steps} steps ({runfiles.first_line(e)})"
+    t = scheduler.timesteps
+    if not torch.equal(prev_timestep(scheduler, t[:-1]), t[1:]) or prev_timestep(scheduler, t[-1]) >= 0:
+        return (f"timestep_spacing={config.timestep_spacing!r} with {num_steps} steps gives timesteps that "
+                f"DDIMScheduler.step does not step between; use 'leading' or 'trailing' with a T that divides "
+                f"{config.num_train_timesteps}")
+    return None
+
+
 def gaussian_log_prob(x_prev, mean, sigma_t):
     """log N(x_{t-1}; μ, σ_t² I), averaged (not summed) over dimensions, in fp32.
 
     x_{t-1} is the action already taken: a constant, so the gradient flows only through μ. Averaging keeps
-    ratios finite: summed over 16,384 SD latent values a per-value ratio of 1.01 would be 1.01^16384.
+    ratios finite: summed over 16,384 SD latent values a per-value ratio of 1.01 would be 1.01^16384. The
+    average over D dimensions is log π / D, so every ratio here is (π_θ/π_θold)^(1/D): DDPO_IS's clip range
+    ε = 1e-4 bounds that per-dimension ratio, and the whole-image ratio may move by up to (1 ± ε)^D.
     """
     x_prev, mean = x_prev.detach().float(), mean.float()
     log_prob = -((x_prev - mean) ** 2) / (2 * sigma_t**2) - torch.log(sigma_t) - 0.5 * math.log(2 * math.pi)
@@ -245,10 +292,22 @@ def is_run(path):
 
 
 def load_run_args(run_dir):
+    """A run's saved settings (args.json); names this ddpo.py does not know (a reward, an algorithm) are refused,
+    and settings it no longer has are ignored."""
     path = Path(run_dir) / "args.json"
     if not path.is_file():
         fail(f"{run_dir} is not a run folder (no args.json)")
-    return Args(**json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(Args)}
+        args = Args(**{k: v for k, v in saved.items() if k in known})
+    except (ValueError, TypeError, AttributeError) as e:
+        fail(f"{path} is damaged ({type(e).__name__}: {runfiles.first_line(e)})")
+    for name, allowed in CHOICES.items():
+        if getattr(args, name) not in allowed:
+            fail(f"{run_dir} was made with --{name.replace('_', '-')} {getattr(args, name)!r}, which this ddpo.py "
+                 f"does not know (known: {', '.join(allowed)})")
+    return args
 
 
 def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
@@ -260,7 +319,11 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
     if is_run(name):
         saved = load_run_args(name)
         models = load_models(saved.model, device, saved.lora_rank, mixed_precision)
-        load_trainable(models, latest_checkpoint(name) / "trainable.safetensors")
+        checkpoint = latest_checkpoint(name)
+        try:
+            load_trainable(models, checkpoint / "trainable.safetensors")
+        except Exception as e:  # a truncated file fails in safetensors; a mismatch in load_trainable
+            fail(f"checkpoint {checkpoint} is damaged ({type(e).__name__}: {runfiles.first_line(e)})")
         return models
     path = str(TINY_MODEL if name == "tiny" else name)
     try:
@@ -272,8 +335,8 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if "vae" in components else None,
             device=device, dtype=PRECISIONS[mixed_precision])
-    except (OSError, ValueError) as e:
-        fail(model_load_error(name, e))
+    except Exception as e:  # OSError, ValueError, or a damaged weights file's own error (SafetensorError, …)
+        fail(runfiles.model_load_error(name, e))
     for module in (models.text_encoder, models.vae):  # frozen: no gradients, stored in the run's precision
         if module is not None:
             module.requires_grad_(False).eval().to(device, models.dtype)
@@ -288,23 +351,6 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
                 p.data = p.data.float()
     models.unet.to(device).train()
     return models
-
-
-def model_load_error(name, error):
-    """One line on why --model could not be loaded: a local folder that is no pipeline, an unreachable hub, or else."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    chain = [error]  # the hub's own exception, and the network error under it, sit in the __cause__ chain
-    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    line = lambda e: (str(e).strip().splitlines() or [type(e).__name__])[0]  # noqa: E731
-    if Path(name).exists():
-        return f"cannot load model folder {name} ({line(error)}): it needs a diffusers pipeline layout"
-    if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
-        return (f"cannot load model {name!r}: no such local folder, and the hub is unreachable ({line(chain[-1])}) "
-                f"with no cached copy; --model tiny or a local folder works offline")
-    return (f"cannot load model {name!r} ({line(error)}); if it is a hub id, the hub may be unreachable: --model tiny "
-            f"or a local folder works offline")
 
 
 def encode_prompts(models, prompts):
@@ -328,13 +374,16 @@ def decode(models, x0):
 def ddpm_loss(models, x0, cond, generator):
     """DDPM loss (paper eq. 1, ε-form): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², one value per sample (B,).
 
-    Serves RWR (on the model's own samples) and the tiny model's pretraining.
+    For a v-prediction model (the tiny one) the target is v = √ᾱ_t ε − √(1−ᾱ_t) x_0, for an x_0-prediction
+    model x_0: the same loss in that model's own parametrisation. Serves RWR (on the model's own samples) and
+    the tiny model's pretraining.
     """
     sched = models.scheduler
     t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     x_t = sched.add_noise(x0, noise, t)
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
+    kind = sched.config.prediction_type
+    target = noise if kind == "epsilon" else x0 if kind == "sample" else sched.get_velocity(x0, noise, t)
     with models.autocast():
         pred = models.unet(x_t, t, encoder_hidden_states=cond).sample
     return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
@@ -348,7 +397,13 @@ def read_prompt_file(path):
     path = Path(path)
     if not path.is_file():
         fail(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"prompt file {path} cannot be read as UTF-8 text ({type(e).__name__}: {runfiles.first_line(e)})")
+    if "\0" in text:
+        fail(f"prompt file {path} is not a text file (it holds NUL bytes)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         fail(f"prompt file {path} has no prompts")
     return prompts
@@ -379,7 +434,9 @@ def load_prompts(spec):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The MDP (paper §4.3): s_t = (c, t, x_t), a_t = x_{t-1}, π(a_t | s_t) = p_θ(x_{t-1} | x_t, c), R = r(x_0, c) at t=0
+# The MDP (paper §4.3): s_t = (c, t, x_t), a_t = x_{t-1}, π(a_t | s_t) = p_θ(x_{t-1} | x_t, c).
+# Initial state ρ_0 = (p(c), δ_T, N(0, I)): a prompt, t = T, pure noise. The transition is deterministic,
+# s_{t+1} = (c, t−1, a_t). The reward is r(x_0, c) at the last step and 0 before, so every step's return is r(x_0, c).
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -430,9 +487,11 @@ def rollout(models, prompts, args, generator) -> Trajectories:
 
 
 def rescore(models, traj, rows, steps, uncond, args):
-    """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices `steps` (one per row), (b,)."""
+    """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices `steps` (one per row), (b,).
+
+    uncond is the empty prompt's embedding, (1, L, D) or more rows; its first row serves every sample."""
     mean, sigma_t = policy(models, traj.states[rows, steps], traj.timesteps[steps].to(models.device),
-                           traj.cond[rows], uncond[: len(rows)], args.guidance_scale, args.eta)
+                           traj.cond[rows], uncond[:1].expand(len(rows), -1, -1), args.guidance_scale, args.eta)
     return gaussian_log_prob(traj.states[rows, steps + 1], mean, sigma_t)
 
 
@@ -449,48 +508,75 @@ def load_reward(args):
         fail(f"reward {args.reward!r}: {e}")
 
 
+class RunError(Exception):
+    """A failure that ends a run: a reward that raises or returns NaN, non-finite numbers, a disk that is full.
+    train() adds which epoch it was and where the last good checkpoint is."""
+
+
 def compute_rewards(reward_fn, name, images, prompts):
-    """r(x_0, c) and per-sample extras; stops the run on a wrong shape or a non-finite value, naming the sample."""
-    out = reward_fn(images, prompts)
+    """r(x_0, c) and per-sample extras; stops the run on an exception, a wrong shape or a non-finite value,
+    naming the sample (a batch that raises is retried one sample at a time to find it)."""
+    try:
+        out = reward_fn(images, prompts)
+    except Exception as e:
+        traceback.print_exc()  # the reward's own traceback, then our one line
+        culprit = next((i for i in range(len(prompts)) if raises(reward_fn, images[i:i + 1], prompts[i:i + 1])), None)
+        which = f"sample {culprit} (prompt {prompts[culprit]!r})" if culprit is not None else f"a batch of {len(prompts)}"
+        raise RunError(f"reward {name!r} raised {type(e).__name__}: {runfiles.first_line(e)} on {which}") from e
     r, extras = out if isinstance(out, tuple) else (out, {})
     r = torch.as_tensor(r, dtype=torch.float32).cpu()
     if r.shape != (len(prompts),):
-        fail(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
+        raise RunError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
     bad = torch.nonzero(~torch.isfinite(r)).flatten()
     if len(bad):
         i = bad[0].item()
-        fail(f"reward {name!r} returned {r[i].item()} for sample {i} (prompt {prompts[i]!r})")
+        raise RunError(f"reward {name!r} returned {r[i].item()} for sample {i} (prompt {prompts[i]!r})")
     return r, extras
+
+
+def raises(fn, *inputs):
+    try:
+        fn(*inputs)
+        return False
+    except Exception:
+        return True
 
 
 class PerPromptStatTracker:
     """Normalise each reward by the mean/std of the recent rewards of the *same prompt*.
 
-    A prompt with fewer than min_count rewards in its buffer is normalised with the batch's statistics.
+    A prompt with fewer than min_count rewards in its buffer is normalised with its own group's statistics when
+    each prompt is sampled group_size ≥ 2 times a round, and with the batch's statistics otherwise.
     """
 
-    def __init__(self, buffer_size, min_count):
-        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
+    def __init__(self, buffer_size, min_count, group_size=1):
+        self.buffer_size, self.min_count, self.group_size, self.buffers = buffer_size, min_count, group_size, {}
 
     def __call__(self, prompts, rewards):
+        """Advantages (B,), and the fraction of samples normalised by their own prompt's statistics."""
         rewards, prompts = np.asarray(rewards, dtype=np.float64), np.asarray(prompts)
-        advantages = np.empty_like(rewards)
+        advantages, own = np.empty_like(rewards), 0
         for prompt in np.unique(prompts):
             mine = prompts == prompt
             buffer = self.buffers.setdefault(str(prompt), [])
             buffer[:] = (buffer + rewards[mine].tolist())[-self.buffer_size:]
-            stats = np.array(buffer) if len(buffer) >= self.min_count else rewards
+            if len(buffer) >= self.min_count:
+                stats = np.array(buffer)
+            else:  # not enough history yet: this round's group of the prompt, or the whole batch
+                stats = rewards[mine] if self.group_size > 1 else rewards
+            own += mine.sum() if stats is not rewards else 0
             advantages[mine] = (rewards[mine] - stats.mean()) / (stats.std() + 1e-6)
-        return torch.tensor(advantages, dtype=torch.float32)
+        return torch.tensor(advantages, dtype=torch.float32), own / len(rewards)
 
 
 def compute_advantages(tracker, prompts, rewards, args):
-    """A = normalised reward (per prompt, or over the batch), clipped to ±adv_clip."""
+    """A = normalised reward (per prompt, or over the batch), clipped to ±adv_clip; and the fraction of samples
+    that their own prompt's statistics normalised (logged as adv/per_prompt_fraction)."""
     if args.advantage == "per-prompt":
-        advantages = tracker(prompts, rewards)
+        advantages, own = tracker(prompts, rewards)
     else:
-        advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
-    return advantages.clamp(-args.adv_clip, args.adv_clip)
+        advantages, own = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6), 0.0
+    return advantages.clamp(-args.adv_clip, args.adv_clip), own
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,7 +589,11 @@ def ddpo_sf_loss(log_prob, advantages):
 
 
 def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
-    """DDPO_IS (§4.4): importance ratio p_θ/p_θold with PPO's clip. Returns loss, approx_kl, clipfrac."""
+    """DDPO_IS (§4.4) with PPO's clip: loss = E[max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))], ratio = π_θ / π_θold.
+
+    The max of the two losses is the pessimistic one: once the ratio has left [1−ε, 1+ε] in the direction the
+    advantage pushes it, the loss is flat and that sample gives no gradient. Returns loss, approx_kl, clipfrac.
+    """
     logratio = log_prob - old_log_prob
     ratio = torch.exp(logratio)
     pg_loss1 = -advantages * ratio
@@ -515,9 +605,10 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
     return loss, approx_kl, clipfrac
 
 
-def rwr_exponential_weights(advantages, beta):
-    """RWR (§4.2): w = exp(β A) / Z, with Z making the weights average 1 over the round."""
-    return torch.softmax(beta * advantages, dim=0) * len(advantages)
+def rwr_exponential_weights(x, beta):
+    """RWR (§4.2): w = exp(β x) / Z, with Z making the weights average 1 over the round. x is the reward r, as in
+    the paper, or the normalised advantage A (--rwr-weights)."""
+    return torch.softmax(beta * x, dim=0) * len(x)
 
 
 def rwr_sparse_weights(rewards, threshold):
@@ -526,11 +617,21 @@ def rwr_sparse_weights(rewards, threshold):
     return keep / keep.mean() if keep.any() else keep
 
 
+def rwr_weights(args, rewards, advantages):
+    """The round's RWR weights: exponential on r or A (--rwr-weights), or sparse with C = --rwr-threshold, by
+    default the 90th percentile of the round's rewards (so the top tenth is kept)."""
+    if args.algo == "rwr":
+        return rwr_exponential_weights(rewards if args.rwr_weights == "reward" else advantages, args.rwr_beta)
+    threshold = args.rwr_threshold if args.rwr_threshold is not None else torch.quantile(rewards, 0.9).item()
+    return rwr_sparse_weights(rewards, threshold)
+
+
 def round_plan(args, T):
     """(minibatches, inner epochs, timesteps trained) of a round: sf takes one step on all samples, as its data
-    must come from the current θ; the others take num_minibatches steps per inner epoch."""
+    must come from the current θ; the others take num_minibatches steps per inner epoch. The number of trained
+    timesteps truncates T·fraction, as the PyTorch port does (at least one)."""
     n_minibatches, inner_epochs = (1, 1) if args.algo == "sf" else (args.num_minibatches, args.inner_epochs)
-    return n_minibatches, inner_epochs, max(1, round(args.timestep_fraction * T))
+    return n_minibatches, inner_epochs, max(1, int(args.timestep_fraction * T))
 
 
 def rwr_loss(models, x0, cond, weights, generator):
@@ -538,13 +639,13 @@ def rwr_loss(models, x0, cond, weights, generator):
     return (weights * ddpm_loss(models, x0, cond, generator)).mean()
 
 
-class NonFiniteLoss(Exception):
+class NonFinite(RunError):
     pass
 
 
 def backward(loss, scale, scaler, where):
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss {loss.item()} at {where}")
+        raise NonFinite(f"non-finite loss {loss.item()} at {where}")
     scaler.scale(loss * scale).backward()
 
 
@@ -561,17 +662,13 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
     """
     scaler = scaler or loss_scaler(args)  # train() passes its own, whose scale carries over from round to round
     B, T = traj.log_probs.shape
-    sf = args.algo == "sf"
+    rwr = args.algo.startswith("rwr")
     n_minibatches, inner_epochs, n_timesteps = round_plan(args, T)
-    if args.algo == "rwr":
-        weights = rwr_exponential_weights(advantages, args.rwr_beta)
-    elif args.algo == "rwr-sparse":
-        threshold = args.rwr_threshold if args.rwr_threshold is not None else torch.quantile(rewards, 0.9).item()
-        weights = rwr_sparse_weights(rewards, threshold)
+    weights = rwr_weights(args, rewards, advantages).to(models.device) if rwr else None
     advantages = advantages.to(models.device)
-    params = [p for p in models.unet.parameters() if p.requires_grad]
+    params = {n: p for n, p in models.unet.named_parameters() if p.requires_grad}
     logs = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], "skipped": []}
-    bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False)
+    bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False, disable=None)
     n_steps = 0
     for _ in range(inner_epochs):
         # the timesteps each sample trains on, drawn per sample: (B, n_timesteps) step indices
@@ -580,18 +677,22 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
             optimizer.zero_grad(set_to_none=True)
             n_steps += 1
             where = f"optimizer step {n_steps}"
+            bar.update()
+            if args.algo == "rwr-sparse" and not weights[minibatch].any():
+                logs["skipped"].append(1.0)  # no sample here reached C: a zero loss, and AdamW would still move θ
+                continue
             for rows in minibatch.split(args.train_batch_size):
                 share = len(rows) / len(minibatch)  # chunks of a minibatch add up to its mean
-                if args.algo.startswith("rwr"):
-                    loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[rows].to(models.device), generator)
+                if rwr:  # one-step MDP: the DDPM loss on the final sample x_0 = states[:, -1]
+                    loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[rows], generator)
                     backward(loss, share, scaler, where)
                     logs["loss"].append(loss.item())
                     continue
                 for k in range(n_timesteps):
                     log_prob = rescore(models, traj, rows, steps[rows, k], uncond, args)
-                    if sf:
+                    if args.algo == "sf":
                         loss = ddpo_sf_loss(log_prob, advantages[rows])
-                    else:
+                    else:  # the old log-prob is the one stored at sampling time, under θ_old
                         old = traj.log_probs[rows, steps[rows, k]]
                         loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, advantages[rows], args.clip_range)
                         logs["approx_kl"].append(approx_kl.item())
@@ -599,16 +700,18 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
                     backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[rows[0], k]].item()}")
                     logs["loss"].append(loss.item())
             scaler.unscale_(optimizer)  # the true gradients, before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm)
             if torch.isfinite(grad_norm):
                 logs["grad_norm"].append(grad_norm.item())
             elif not scaler.is_enabled():
-                raise NonFiniteLoss(f"gradient norm {grad_norm.item()} at {where}")
-            if scaler.is_enabled():  # fp16: an overflowed step is skipped by scaler.step, and the scale lowered
+                raise NonFinite(f"non-finite gradient norm {grad_norm.item()} at {where}")
+            if scaler.is_enabled() or args.algo == "rwr-sparse":  # fp16: an overflowed step is skipped, the scale lowered
                 logs["skipped"].append(float(not torch.isfinite(grad_norm)))
             scaler.step(optimizer)
             scaler.update()
-            bar.update()
+            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():  # one sync, not one a tensor
+                bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+                raise NonFinite(f"non-finite weights ({bad}) after {where}")
             bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
     bar.close()
     return {k: float(np.mean(v)) for k, v in logs.items() if v}
@@ -619,51 +722,23 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
 # ----------------------------------------------------------------------------------------------------------
 
 def sample(models, prompts, args, generator, batch_size, desc="sampling"):
-    """Rollouts for many prompts in batches; returns the trajectories and the decoded images."""
+    """Rollouts for many prompts in batches; returns the trajectories and the decoded images. Non-finite latents
+    or images stop the run here, before they can be scored (a black image is the smallest JPEG)."""
     parts = [rollout(models, prompts[i:i + batch_size], args, generator)
-             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False)]
+             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None)]
     traj = Trajectories.cat(parts)
-    return traj, torch.cat([decode(models, p.states[:, -1]) for p in parts])
-
-
-def save_grid(images, captions, path, columns=4, cell=128):
-    """Images (B, 3, H, W) in [0, 1] as a captioned grid PNG (nearest-neighbour upscaling keeps pixels visible)."""
-    from PIL import Image, ImageDraw
-
-    pils = rewards_lib.to_pil(images)
-    rows = math.ceil(len(pils) / columns)
-    grid = Image.new("RGB", (columns * cell, rows * (cell + 14)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, caption) in enumerate(zip(pils, captions)):
-        x, y = (i % columns) * cell, (i // columns) * (cell + 14)
-        grid.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + cell + 1), caption[: cell // 6], fill="black")
-    grid.save(path)
-
-
-def plot_reward_curve(history, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [h for h in history if "reward/mean" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        e, m, s = (np.array([h[k] for h in train]) for k in ("epoch", "reward/mean", "reward/std"))
-        ax.plot(e, m, label="training samples (mean ± std)")
-        ax.fill_between(e, m - s, m + s, alpha=0.2)
-    ax.plot([h["epoch"] for h in history], [h["eval/reward_mean"] for h in history], "o-", label="fixed eval samples")
-    ax.set(xlabel="epoch", ylabel="reward")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finite = torch.isfinite(traj.states).flatten(2).all(2).all(0)  # (T+1,): is step j finite for every sample
+    if not finite.all():
+        j = int((~finite).nonzero()[0])
+        raise NonFinite(f"non-finite latents while sampling, first after DDIM step {j} of {len(traj.timesteps)}")
+    images = torch.cat([decode(models, p.states[:, -1]) for p in parts])
+    if not torch.isfinite(images).all():
+        raise NonFinite("non-finite images from the decoder")
+    return traj, images
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp folder and renamed, so a checkpoint on disk is always whole
+# Checkpoints: written to a temp folder and renamed (runfiles.atomic_folder), so a checkpoint on disk is whole
 # ----------------------------------------------------------------------------------------------------------
 
 def trainable_state(models):
@@ -693,34 +768,21 @@ def latest_checkpoint(run_dir):
     return done[-1]
 
 
-def fsync(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder; its files were synced
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler=None):
+    """Everything a round depends on. A write that fails (a full disk) leaves no .tmp and the last checkpoint."""
     from safetensors.torch import save_file
 
     folder = Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(models), tmp / "trainable.safetensors")
-    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
-                "python_rng": rng.getstate(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "scaler": scaler.state_dict() if scaler else {}},  # fp16's loss scale: {} when not in use
-               tmp / "state.pt")
-    for path in (tmp / "trainable.safetensors", tmp / "state.pt", tmp):
-        fsync(path)  # on disk before the rename, so not even a power cut can leave a renamed but empty checkpoint
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # only now is it a checkpoint
-    fsync(folder.parent)
+    try:
+        with runfiles.atomic_folder(folder) as tmp:
+            save_file(trainable_state(models), tmp / "trainable.safetensors")
+            torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
+                        "python_rng": rng.getstate(), "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "scaler": scaler.state_dict() if scaler else {}},  # fp16's loss scale: {} when not in use
+                       tmp / "state.pt")
+    except Exception as e:  # OSError, or safetensors' own error for the same full disk
+        raise RunError(f"cannot write checkpoint {folder} ({type(e).__name__}: {runfiles.first_line(e)})") from e
     for old in checkpoints(run_dir)[:-1]:
         shutil.rmtree(old)
 
@@ -729,8 +791,8 @@ def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=N
     """Restore everything a round depends on; returns the epoch the checkpoint was written after."""
     try:
         load_trainable(models, folder / "trainable.safetensors")
-        state = torch.load(folder / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")  # saved on any device
+        optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
         tracker.buffers = state["tracker"]
         rng.setstate(state["python_rng"])
         generator.set_state(state["generator"])
@@ -739,24 +801,7 @@ def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=N
             scaler.load_state_dict(state["scaler"])
         return state["epoch"]
     except Exception as e:  # a truncated file can fail in safetensors, pickle or the optimizer; all mean one thing
-        fail(f"checkpoint {folder} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
-
-
-class CtrlC:
-    """First Ctrl-C: finish the epoch, write a checkpoint, exit. A second one stops at once (the last one stays)."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Ctrl-C: finishing this epoch, then writing a checkpoint (Ctrl-C again to stop now)")
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        fail(f"checkpoint {folder} is damaged ({type(e).__name__}: {runfiles.first_line(e)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -771,7 +816,8 @@ def describe(args, n_prompts):
     name = {"sf": "DDPO_SF", "is": "DDPO_IS", "rwr": "RWR", "rwr-sparse": "RWR (sparse)"}[args.algo]
     return "\n".join([
         f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
-        f"sampling: {args.samples_per_epoch} samples per epoch = {args.samples_per_epoch // args.sample_batch_size} "
+        f"sampling: {args.samples_per_epoch} samples per epoch ({args.samples_per_epoch // args.samples_per_prompt} "
+        f"prompts x {args.samples_per_prompt}) = {args.samples_per_epoch // args.sample_batch_size} "
         f"batches of {args.sample_batch_size}, {args.num_steps} DDIM steps (η={args.eta}, w={args.guidance_scale})",
         f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
         f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
@@ -780,74 +826,88 @@ def describe(args, n_prompts):
 
 
 def train(args):
-    quiet_libraries()
-    prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
-    reward_fn = load_reward(args)
-    models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
+    runfiles.quiet_libraries()
     run_dir = Path(args.out_dir) / args.run_name
+    prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
+    try:
+        runfiles.check_writable(run_dir)
+    except OSError as e:
+        fail(f"cannot write the run folder {run_dir} ({type(e).__name__}: {runfiles.first_line(e)})")
+    reward_fn = load_reward(args)
+    torch.manual_seed(args.seed)  # before the models: a LoRA adapter's initial weights are drawn while loading
+    models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
+    if problem := check_scheduler(models.scheduler, args.num_steps):
+        fail(f"cannot use model {args.model}: its {problem}")
     params = [p for p in models.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     scaler = loss_scaler(args)
-    tracker = PerPromptStatTracker(args.buffer_size, args.min_count)
-    torch.manual_seed(args.seed)
+    tracker = PerPromptStatTracker(args.buffer_size, args.min_count, args.samples_per_prompt)
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     start = 0
     if args.resume:
         start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator, scaler)
+        if start >= args.epochs:
+            fail(f"{run_dir} has trained {start} epochs already; resume with --epochs above {start}")
     print(describe(args, len(prompt_set)))
     print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
           f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
     metrics = run_dir / "metrics.jsonl"
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if start else []
     history = [h for h in history if h["epoch"] <= start]  # epochs after the checkpoint are done again
     eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
-    uncond = encode_prompts(models, [""]).expand(args.train_batch_size, -1, -1)
+    uncond = encode_prompts(models, [""])  # c = ∅ for classifier-free guidance, (1, L, D)
 
     def evaluate(epoch):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
         _, images = sample(models, eval_prompts, args, torch.Generator().manual_seed(args.seed + 1), 8, "evaluating")
         r, extras = compute_rewards(reward_fn, args.reward, images, eval_prompts)
-        save_grid(images, [f"{v:.3g} {p}" for v, p in zip(r.tolist(), eval_prompts)], run_dir / f"grid_{epoch:03d}.png")
+        runfiles.save_grid(images, [f"{v:.3g} {p}" for v, p in zip(r.tolist(), eval_prompts)], run_dir / f"grid_{epoch:03d}.png")
         cells = [{"prompt": p, "reward": v, **{k: extras[k][i] for k in extras}} for i, (p, v) in enumerate(zip(eval_prompts, r.tolist()))]
-        (run_dir / f"grid_{epoch:03d}.json").write_text(json.dumps(cells, indent=1) + "\n")  # why each image scored so
+        runfiles.write_text(run_dir / f"grid_{epoch:03d}.json", json.dumps(cells, indent=1) + "\n")  # why each image scored so
         return r.mean().item()
 
     def log(row):
         history.append(row)
-        metrics.write_text("".join(json.dumps(h) + "\n" for h in history))
-        plot_reward_curve(history, run_dir / "reward_curve.png")
+        runfiles.write_text(metrics, "".join(json.dumps(h) + "\n" for h in history))
+        runfiles.plot_reward_curve(history, run_dir / "reward_curve.png")
 
-    with CtrlC() as ctrl_c:
-        if not start:
-            log({"epoch": 0, "eval/reward_mean": evaluate(0)})
-        epochs = tqdm(range(start + 1, args.epochs + 1), desc="epochs", initial=start, total=args.epochs)
-        for epoch in epochs:
-            t0 = time.time()
-            prompts = rng.choices(prompt_set, k=args.samples_per_epoch)  # c ~ p(c)
-            traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
-            t1 = time.time()
-            r, _ = compute_rewards(reward_fn, args.reward, images, prompts)
-            advantages = compute_advantages(tracker, prompts, r, args)
-            t2 = time.time()
-            try:
+    epoch = start
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runfiles.write_text(run_dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+        with runfiles.CtrlC() as ctrl_c:
+            if not start:
+                log({"epoch": 0, "eval/reward_mean": evaluate(0)})
+            epochs = tqdm(range(start + 1, args.epochs + 1), desc="epochs", initial=start, total=args.epochs, disable=None)
+            for epoch in epochs:
+                t0 = time.time()
+                k = args.samples_per_prompt  # c ~ p(c), each drawn prompt sampled k times
+                prompts = [c for c in rng.choices(prompt_set, k=args.samples_per_epoch // k) for _ in range(k)]
+                traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
+                t1 = time.time()
+                r, _ = compute_rewards(reward_fn, args.reward, images, prompts)
+                advantages, per_prompt_fraction = compute_advantages(tracker, prompts, r, args)
+                t2 = time.time()
                 logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
-            except NonFiniteLoss as e:
-                kept = checkpoints(run_dir)
-                fail(f"non-finite {e} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with "
-                     f"--resume {run_dir} (perhaps with a lower --lr)" if kept else "no checkpoint was written yet"))
-            t3 = time.time()
-            log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
-                 "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
-                 **{f"losses/{k}": v for k, v in logs.items()},
-                 "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
-            epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
-            if epoch % args.save_every == 0 or epoch == args.epochs or ctrl_c.requested:
-                save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler)
-            if ctrl_c.requested and epoch < args.epochs:
-                sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}")
+                t3 = time.time()
+                log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
+                     "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
+                     "adv/per_prompt_fraction": per_prompt_fraction, **{f"losses/{k}": v for k, v in logs.items()},
+                     "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
+                epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
+                if epochs.disable:  # no terminal (a log file, a batch job): one line per epoch instead of the bars
+                    print(f"epoch {epoch}/{args.epochs}: reward {r.mean().item():.4g}, eval "
+                          f"{history[-1]['eval/reward_mean']:.4g} ({time.time() - t0:.1f} s)", flush=True)
+                if epoch % args.save_every == 0 or epoch == args.epochs or ctrl_c.requested:
+                    save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler)
+                if ctrl_c.requested and epoch < args.epochs:
+                    sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}")
+    except (RunError, OSError) as e:  # a full disk while writing metrics or grids is an OSError
+        kept = checkpoints(run_dir)
+        what = e if isinstance(e, RunError) else f"{type(e).__name__}: {runfiles.first_line(e)}"
+        fail(f"{what} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with --resume {run_dir}"
+                                             if kept else "no checkpoint was written yet"))
     print(f"eval reward {history[0]['eval/reward_mean']:.4g} → {history[-1]['eval/reward_mean']:.4g}; "
           f"the fine-tuned model: --model {run_dir}")
     return history
@@ -870,9 +930,9 @@ def base_and_tuned(run, args):
 
 def evaluate_run(args):
     """The paper's Fig. 3 and its generalisation figure in one command: base | fine-tuned, same seeds."""
-    quiet_libraries()
+    runfiles.quiet_libraries()
     run = load_run_args(args.eval)
-    run.device = args.device
+    run.device, run.mixed_precision = args.device, args.mixed_precision  # parse_args: the run's, unless given
     reward_fn = load_reward(run)
     names = {"train": run.prompts, "heldout": args.eval_prompts or rewards_lib.HELDOUT_PROMPTS[run.reward]}
     prompt_sets = {name: load_prompts(spec) for name, spec in names.items()}
@@ -882,6 +942,8 @@ def evaluate_run(args):
     for which, models in base_and_tuned(run, args):
         for name, prompt_set in prompt_sets.items():
             prompts = random.Random(args.seed).choices(prompt_set, k=16)
+            if problem := check_scheduler(models.scheduler, run.num_steps):
+                fail(f"cannot use model {run.model}: its {problem}")
             _, images = sample(models, prompts, run, torch.Generator().manual_seed(args.seed), run.sample_batch_size, f"{which} {name}")
             r, _ = compute_rewards(reward_fn, run.reward, images, prompts)
             results.setdefault(name, {"prompts": prompts})[which] = (images, r)
@@ -891,24 +953,33 @@ def evaluate_run(args):
         (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]
         images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
         captions = [f"{w} {v:.3g}" for b, t in zip(base_r.tolist(), tuned_r.tolist()) for w, v in (("base", b), ("tuned", t))]
-        save_grid(images, captions, out / f"{name}.png")
+        runfiles.save_grid(images, captions, out / f"{name}.png")
         summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
                          "tuned_reward_mean": tuned_r.mean().item()}
         print(f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}")
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    runfiles.write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
     print(f"grids and eval.json in {out}")
     return summary
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """The command line; also callable as ddpo.main([...]) from Python."""
     try:
-        return evaluate_run(args) if args.eval else train(args)
-    except KeyboardInterrupt:
-        run = Path(args.out_dir) / args.run_name
-        kept = checkpoints(run)
-        sys.exit(f"stopped; the last checkpoint ({kept[-1].name}) is kept: resume with --resume {run}" if kept
-                 else "stopped before the first checkpoint was written; nothing to resume")
+        args = parse_args(argv)
+        try:
+            return evaluate_run(args) if args.eval else train(args)
+        except KeyboardInterrupt:
+            run = Path(args.out_dir) / args.run_name
+            kept = checkpoints(run)
+            sys.exit(f"stopped; the last checkpoint ({kept[-1].name}) is kept: resume with --resume {run}" if kept
+                     else "stopped before the first checkpoint was written; nothing to resume")
+        except RunError as e:  # in --eval; train() adds the epoch and the checkpoint itself
+            fail(str(e))
+        except OSError as e:  # in --eval: its folder cannot be written (read-only, a full disk)
+            fail(f"{type(e).__name__}: {runfiles.first_line(e)}")
+    finally:  # progress bars cleared before any error line is printed, so nothing is left in front of it
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 if __name__ == "__main__":

@@ -222,6 +222,7 @@ class Alignment:
 
 REWARDS = {
     "jpeg": jpeg_compressibility,
+    "compressibility": jpeg_compressibility,  # the paper's name; "jpeg" is kept for existing runs and commands
     "incompressibility": jpeg_incompressibility,
     "aesthetic": Aesthetic,
     "alignment": Alignment,
@@ -231,6 +232,7 @@ REWARDS = {
 
 DEFAULT_PROMPTS = {  # paper §5: the prompt distribution p(c) of each task
     "jpeg": "imagenet_animals",
+    "compressibility": "imagenet_animals",
     "incompressibility": "imagenet_animals",
     "aesthetic": "simple_animals",
     "alignment": "alignment",
@@ -240,6 +242,7 @@ DEFAULT_PROMPTS = {  # paper §5: the prompt distribution p(c) of each task
 
 HELDOUT_PROMPTS = {  # the paper's generalisation checks: prompts the fine-tuning never saw
     "jpeg": "everyday_objects",
+    "compressibility": "everyday_objects",
     "incompressibility": "everyday_objects",
     "aesthetic": "everyday_objects",
     "alignment": "alignment_unseen_activities",

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,14 +51,15 @@ def small_args(*extra):
 # §3.1: the DDIM step and its log-probability
 # --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type, spacing", [("epsilon", "leading"), ("v_prediction", "leading"),
+                                                     ("sample", "leading"), ("epsilon", "trailing")])
 @pytest.mark.parametrize("eta", [1.0, 0.5])
-def test_ddim_step_equals_diffusers(prediction_type, eta):
-    scheduler = sd_scheduler(prediction_type=prediction_type)
+def test_ddim_step_equals_diffusers(prediction_type, spacing, eta):
+    scheduler = sd_scheduler(prediction_type=prediction_type, timestep_spacing=spacing)
     scheduler.set_timesteps(20)
     g = torch.Generator().manual_seed(0)
     steps = list(scheduler.timesteps[[0, 7, 13, -1]])  # includes the last step, where ᾱ_prev = ᾱ_0 < 1
-    assert steps[-1].item() == 1
+    assert steps[-1].item() == {"leading": 1, "trailing": 49}[spacing]
     for t in steps:
         x_t, model_output, z = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
         expected = scheduler.step(model_output, t, x_t, eta=eta, variance_noise=z).prev_sample
@@ -89,6 +92,26 @@ def test_sigma_matches_closed_form():
     _, sigma_last = ddpo.ddim_step(scheduler, torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([1]), 1.0)
     expected_last = math.sqrt((1 - a[0]) / (1 - a[1]) * (1 - a[1] / a[0]))
     assert sigma_last.item() == pytest.approx(expected_last, rel=1e-5) and expected_last > 0.01
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    ({}, None),
+    ({"timestep_spacing": "trailing"}, None),  # 999, 949, …, 49: each next timestep is t − 50
+    ({"prediction_type": "sample"}, None),
+    ({"set_alpha_to_one": True}, "set_alpha_to_one=True"),  # ᾱ_prev = 1 at the last step: σ_t = 0
+    ({"thresholding": True}, "thresholding=True"),
+    ({"timestep_spacing": "linspace"}, "timestep_spacing='linspace'"),  # 999, 946, …: not t − 50
+])
+def test_schedulers_without_a_ddim_density_are_refused(overrides, refused):
+    scheduler = sd_scheduler(**overrides)
+    problem = ddpo.check_scheduler(scheduler, 20)
+    assert (problem is None) if refused is None else (refused in problem), problem
+    if refused == "set_alpha_to_one=True":  # why: diffusers' own last step has no noise at all
+        scheduler.set_timesteps(20)
+        assert scheduler._get_variance(scheduler.timesteps[-1], scheduler.timesteps[-1] - 50) == 0
+    if refused == "timestep_spacing='linspace'":  # why: DDIMScheduler.step steps from 999 to 949, not to 946
+        scheduler.set_timesteps(20)
+        assert scheduler.timesteps[:2].tolist() == [999, 946]
 
 
 def test_log_prob_equals_torch_normal():
@@ -136,7 +159,7 @@ def test_rollout_shapes_and_log_probs_match_diffusers(random_models):
 def test_rescoring_unchanged_weights_gives_ratio_one(random_models):
     args = small_args()
     traj = ddpo.rollout(random_models, ["tench", "goldfish", "cat", "dog"], args, torch.Generator().manual_seed(3))
-    uncond = ddpo.encode_prompts(random_models, [""]).expand(4, -1, -1)
+    uncond = ddpo.encode_prompts(random_models, [""])  # one row: rescore expands it to the rows it scores
     advantages = torch.tensor([1.0, -1.0, 0.5, -2.0])
     with torch.no_grad():
         for j in range(4):
@@ -170,25 +193,57 @@ def test_guidance_scale_combines_the_two_predictions(random_models):
 
 def test_stat_tracker_falls_back_to_batch_stats_then_uses_the_prompts_own():
     tracker = ddpo.PerPromptStatTracker(buffer_size=4, min_count=3)
-    # round 1: each prompt has < 3 rewards → batch statistics (mean 2.5, std √1.25)
-    adv = tracker(["a", "a", "b", "b"], [1.0, 2.0, 3.0, 4.0])
-    np.testing.assert_allclose(adv.numpy(), (np.array([1, 2, 3, 4]) - 2.5) / (math.sqrt(1.25) + 1e-6), rtol=1e-6)
-    # round 2: "a" now has 1, 2, 5 (3 ≥ min_count) → its own mean 8/3 and std; "b" has 3, 4, 10 → its own too
-    adv = tracker(["a", "b"], [5.0, 10.0])
-    a, b = np.array([1.0, 2.0, 5.0]), np.array([3.0, 4.0, 10.0])
-    np.testing.assert_allclose(adv.numpy(), [(5 - a.mean()) / (a.std() + 1e-6), (10 - b.mean()) / (b.std() + 1e-6)],
-                               rtol=1e-6)
+    # round 1: each prompt has < 3 rewards → batch statistics: mean 2.5, std √1.25 = 1.1180340
+    adv, own = tracker(["a", "a", "b", "b"], [1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(adv.numpy(), [-1.3416399, -0.4472133, 0.4472133, 1.3416399], rtol=1e-5)
+    assert own == 0.0
+    # round 2: "a" now has 1, 2, 5 (3 ≥ min_count): mean 8/3, std 1.6996732; "b" has 3, 4, 10: mean 17/3, std 3.0912062
+    adv, own = tracker(["a", "b"], [5.0, 10.0])
+    np.testing.assert_allclose(adv.numpy(), [1.3728129, 1.4018260], rtol=1e-5)
+    assert own == 1.0
     # the buffer keeps the most recent buffer_size rewards
     tracker(["a", "a"], [7.0, 8.0])
     assert tracker.buffers["a"] == [2.0, 5.0, 7.0, 8.0]
 
 
+def test_per_prompt_advantages_use_each_prompts_own_rewards():
+    """Two samples of each prompt and min_count 2: a: 1, 3 → −1, +1; b: 10, 14 → −1, +1 (a batch normalisation
+    would give −1.06, −0.74, 0.74, 1.06)."""
+    args = small_args("--advantage", "per-prompt", "--min-count", "2", "--buffer-size", "4")
+    adv, own = ddpo.compute_advantages(ddpo.PerPromptStatTracker(4, 2), ["a", "a", "b", "b"],
+                                       torch.tensor([1.0, 3.0, 10.0, 14.0]), args)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0]), rtol=0, atol=1e-5)
+    assert own == 1.0
+
+
+def test_group_sampling_normalises_each_prompt_by_its_own_group():
+    """--samples-per-prompt 2: before a prompt's buffer holds min_count rewards, its group of 2 is its statistics
+    (a: 1, 3 → −1, +1; b: 10, 14 → −1, +1), where without groups the batch would be (−1.06, −0.74, 0.74, 1.06)."""
+    tracker = ddpo.PerPromptStatTracker(buffer_size=16, min_count=16, group_size=2)
+    adv, own = tracker(["a", "a", "b", "b"], [1.0, 3.0, 10.0, 14.0])
+    np.testing.assert_allclose(adv.numpy(), [-1.0, 1.0, -1.0, 1.0], atol=1e-5)
+    assert own == 1.0
+
+
+def test_group_sampling_draws_k_samples_of_each_prompt_with_distinct_noise(tmp_path, monkeypatch):
+    real, seen = ddpo.compute_rewards, []
+    monkeypatch.setattr(ddpo, "compute_rewards", lambda fn, name, images, prompts: seen.append((images, prompts))
+                        or real(fn, name, images, prompts))
+    ddpo.main(["--samples-per-prompt", "4", "--samples-per-epoch", "8", "--sample-batch-size", "8", "--epochs", "1",
+               "--num-steps", "2", "--out-dir", str(tmp_path), "--run-name", "r"])
+    images, prompts = seen[1]  # seen[0] is the evaluation before training
+    assert prompts == [prompts[0]] * 4 + [prompts[4]] * 4 and prompts[0] != prompts[4]
+    assert all(not torch.equal(images[i], images[j]) for i in range(4) for j in range(i + 1, 4))  # distinct noise
+    row = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["adv/per_prompt_fraction"] == 1.0
+
+
 def test_advantages_batch_mode_and_clipping():
+    """r = 0, 0, 0, 10: mean 2.5, std √18.75, so A = −1/√3 three times and √3 = 1.732, clipped to 1.5."""
     r = torch.tensor([0.0, 0.0, 0.0, 10.0])
-    batch = ddpo.compute_advantages(None, ["a"] * 4, r, small_args("--advantage", "batch", "--adv-clip", "1.5"))
-    expected = ((r - 2.5) / (r.std(unbiased=False) + 1e-6)).clamp(-1.5, 1.5)  # 10 → +1.73 is clipped to 1.5
-    torch.testing.assert_close(batch, expected)
-    assert batch.max().item() == 1.5
+    batch, own = ddpo.compute_advantages(None, ["a"] * 4, r, small_args("--advantage", "batch", "--adv-clip", "1.5"))
+    torch.testing.assert_close(batch, torch.tensor([-1 / math.sqrt(3)] * 3 + [1.5]), rtol=1e-5, atol=0)
+    assert own == 0.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -211,6 +266,15 @@ def test_clipped_loss_matches_hand_computed(logratio, advantage, expected_loss, 
     assert clipfrac.item() == clipped
 
 
+def test_approx_kl_and_clipfrac_over_several_samples():
+    """logratios 0, 0.01, −0.02, 5e-5 with ε = 1e-4: approx_kl = ½ mean(logratio²) = ½ (1e-4 + 4e-4 + 2.5e-9) / 4;
+    two of the four ratios are outside 1 ± ε, so clipfrac = 0.5 (the fraction, not the count)."""
+    new = torch.tensor([0.0, 0.01, -0.02, 5e-5], dtype=torch.float64)
+    _, approx_kl, clipfrac = ddpo.ddpo_is_loss(new, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 1e-4)
+    assert approx_kl.item() == pytest.approx(6.25003125e-5, rel=1e-9)
+    assert clipfrac.item() == 0.5
+
+
 def test_clipped_loss_has_no_gradient_once_clipped_in_the_advantage_direction():
     log_prob = torch.tensor([0.01, -0.01], requires_grad=True)  # ratios e^0.01 (clipped), e^-0.01 (unclipped)
     loss, _, _ = ddpo.ddpo_is_loss(log_prob, torch.zeros(2), torch.tensor([1.0, 1.0]), 1e-4)
@@ -218,20 +282,34 @@ def test_clipped_loss_has_no_gradient_once_clipped_in_the_advantage_direction():
     torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, -math.exp(-0.01) / 2]))
 
 
-def test_rwr_weights():
-    adv = torch.tensor([-1.0, 0.5, 2.0, 0.0])
-    w = ddpo.rwr_exponential_weights(adv, beta=0.7)
-    expected = torch.exp(0.7 * adv) / torch.exp(0.7 * adv).mean()
-    torch.testing.assert_close(w, expected)
-    assert w.mean().item() == pytest.approx(1.0) and torch.equal(w.argsort(), adv.argsort())
-    assert torch.allclose(ddpo.rwr_exponential_weights(adv, beta=0.0), torch.ones(4))  # β = 0: plain DDPM loss
-    r = torch.tensor([0.3, 0.9, 0.5, 0.9, 0.1])
-    sparse = ddpo.rwr_sparse_weights(r, threshold=0.5)
-    torch.testing.assert_close(sparse, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]) * 5 / 3)  # exactly r ≥ C, mean 1
-    assert torch.equal(ddpo.rwr_sparse_weights(r, threshold=2.0), torch.zeros(5))
+def test_rwr_exponential_weights_are_the_papers_formula_by_hand():
+    """w = exp(β x)/Z with Z = the mean of exp(β x): x = 0, ln 2, ln 4 at β = 1 gives 1, 2, 4 over 7/3."""
+    x = torch.tensor([0.0, math.log(2), math.log(4)])
+    torch.testing.assert_close(ddpo.rwr_exponential_weights(x, beta=1.0), torch.tensor([3 / 7, 6 / 7, 12 / 7]))
+    torch.testing.assert_close(ddpo.rwr_exponential_weights(x, beta=0.0), torch.ones(3))  # β = 0: plain DDPM loss
+    torch.testing.assert_close(ddpo.rwr_exponential_weights(x, beta=0.5), torch.tensor([1, math.sqrt(2), 2]) / ((3 + math.sqrt(2)) / 3))
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("which, expected", [
+    ("reward", [3 / 7, 6 / 7, 12 / 7]),  # the paper: exp(β r) on r = 0, ln 2, ln 4
+    ("advantage", [12 / 7, 6 / 7, 3 / 7]),  # exp(β A) on A = ln 2, 0, −ln 2: weights 2, 1, ½ over 7/6
+])
+def test_rwr_weights_exponentiate_the_configured_quantity(which, expected):
+    rewards, advantages = torch.tensor([0.0, math.log(2), math.log(4)]), torch.tensor([math.log(2), 0.0, -math.log(2)])
+    args = small_args("--algo", "rwr", "--rwr-weights", which, "--rwr-beta", "1")
+    torch.testing.assert_close(ddpo.rwr_weights(args, rewards, advantages), torch.tensor(expected))
+
+
+def test_sparse_rwr_keeps_rewards_at_or_above_c_by_default_the_top_tenth():
+    r = torch.arange(1.0, 11.0)  # 1 … 10: the 90th percentile is 9.1, so only r = 10 is kept, with weight 10
+    args = small_args("--algo", "rwr-sparse")
+    torch.testing.assert_close(ddpo.rwr_weights(args, r, torch.zeros(10)), torch.tensor([0.0] * 9 + [10.0]))
+    args = small_args("--algo", "rwr-sparse", "--rwr-threshold", "5")  # r ≥ 5: six kept, each weighted 10/6
+    torch.testing.assert_close(ddpo.rwr_weights(args, r, torch.zeros(10)), torch.tensor([0.0] * 4 + [10 / 6] * 6))
+    assert torch.equal(ddpo.rwr_sparse_weights(r, threshold=20.0), torch.zeros(10))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_ddpm_loss_is_zero_for_the_true_target_and_matches_the_closed_form(prediction_type):
     """Against the forward process written out: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, and v = √ᾱ_t ε − √(1−ᾱ_t) x_0."""
     scheduler = sd_scheduler(prediction_type=prediction_type)
@@ -242,7 +320,8 @@ def test_ddpm_loss_is_zero_for_the_true_target_and_matches_the_closed_form(predi
         def forward(self, x_t, t, encoder_hidden_states):
             ab = a[t].view(-1, 1, 1, 1)
             eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
-            return type("Out", (), {"sample": eps if prediction_type == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x0})
+            out = {"epsilon": eps, "sample": x0, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction_type]
+            return type("Out", (), {"sample": out})
 
     class Zero(torch.nn.Module):
         def forward(self, x_t, t, encoder_hidden_states):
@@ -255,7 +334,7 @@ def test_ddpm_loss_is_zero_for_the_true_target_and_matches_the_closed_form(predi
     t = torch.randint(0, 1000, (3,), generator=g)  # the loss draws t first, then ε, from the same generator
     noise = torch.randn(x0.shape, generator=g)
     ab = a[t].view(-1, 1, 1, 1)
-    target = noise if prediction_type == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    target = {"epsilon": noise, "sample": x0, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[prediction_type]
     torch.testing.assert_close(ddpo.ddpm_loss(zero, x0, None, torch.Generator().manual_seed(7)),
                                target.pow(2).mean(dim=(1, 2, 3)))
 
@@ -281,7 +360,7 @@ def test_one_is_step_moves_log_prob_with_the_advantage(random_model_dir, advanta
     models = ddpo.load_models(str(random_model_dir), "cpu")  # a fresh copy: this test trains it
     args = small_args("--algo", "is", "--num-minibatches", "1", "--lr", "1e-4")
     traj = ddpo.rollout(models, ["cat"], args, torch.Generator().manual_seed(8))
-    uncond = ddpo.encode_prompts(models, [""]).expand(1, -1, -1)
+    uncond = ddpo.encode_prompts(models, [""])
     # a small plain gradient step tests the estimator's direction (Adam's first step is ±lr on every weight,
     # which can overshoot where log π is sharply curved, at the last steps' small σ_t)
     optimizer = torch.optim.SGD(models.unet.parameters(), lr=1e-3)
@@ -294,22 +373,93 @@ def test_one_is_step_moves_log_prob_with_the_advantage(random_model_dir, advanta
     assert direction * (after - traj.log_probs.sum()).item() > 1e-3  # measured: ±0.01
 
 
-def test_batch_arithmetic_flags_decide_the_forward_passes(random_models):
-    """--num-minibatches, --inner-epochs, --train-batch-size and --timestep-fraction, counted as UNet calls."""
-    args = small_args("--algo", "is", "--num-minibatches", "2", "--inner-epochs", "2", "--train-batch-size", "1",
-                      "--timestep-fraction", "0.5", "--lr", "0")
-    traj = ddpo.rollout(random_models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(9))
-    calls = []
-    hook = random_models.unet.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+def count_round(models, algo, *flags, advantages=(1.0, -1.0, 0.5, -0.5), optimizer=None):
+    """Train one round on 4 fresh samples; returns (UNet batch sizes per forward pass, optimizer steps, logs)."""
+    args = small_args("--algo", algo, *flags)
+    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(9))
+    calls, steps = [], []
+    optimizer = optimizer or torch.optim.AdamW(models.unet.parameters(), lr=0.0)
+    hooks = [models.unet.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0])),
+             optimizer.register_step_post_hook(lambda *_: steps.append(1))]
     try:
-        optimizer = torch.optim.AdamW(random_models.unet.parameters(), lr=0.0)
-        uncond = ddpo.encode_prompts(random_models, [""]).expand(1, -1, -1)
-        ddpo.train_round(random_models, optimizer, traj, torch.ones(4), torch.zeros(4), args,
-                         torch.Generator().manual_seed(0), uncond)
+        logs = ddpo.train_round(models, optimizer, traj, torch.tensor(advantages), torch.arange(4.0), args,
+                                torch.Generator().manual_seed(0), ddpo.encode_prompts(models, [""]))
     finally:
-        hook.remove()
-    # 2 inner epochs x 4 samples (1 per pass) x 2 of the 4 timesteps, each pass conditional + unconditional
-    assert calls == [2] * 16
+        for hook in hooks:
+            hook.remove()
+    return calls, len(steps), logs
+
+
+@pytest.mark.parametrize("algo, optimizer_steps, passes", [
+    ("is", 4, 16),  # 2 inner epochs x 2 minibatches; 2 x 4 samples (1 per pass) x 2 of the 4 timesteps
+    ("sf", 1, 8),  # one step per round, whatever the flags: its samples must come from the current θ
+])
+def test_batch_arithmetic_flags_decide_the_forward_passes(random_models, algo, optimizer_steps, passes):
+    """--num-minibatches, --inner-epochs, --train-batch-size and --timestep-fraction, counted as UNet calls."""
+    calls, steps, _ = count_round(random_models, algo, "--num-minibatches", "2", "--inner-epochs", "2",
+                                  "--train-batch-size", "1", "--timestep-fraction", "0.5", "--lr", "0")
+    assert steps == optimizer_steps
+    assert calls == [2] * passes  # each pass: conditional + unconditional
+
+
+def test_trained_timesteps_truncate_like_the_pytorch_port():
+    """int(T · fraction), as ddpo-pytorch computes it: 10 x 0.35 = 3.5 → 3 (rounding gives 4), 4 x 0.99 → 3."""
+    assert ddpo.round_plan(small_args("--timestep-fraction", "0.35"), 10)[2] == 3
+    assert ddpo.round_plan(small_args("--timestep-fraction", "0.99"), 4)[2] == 3
+    assert ddpo.round_plan(small_args("--timestep-fraction", "0.01"), 4)[2] == 1  # at least one
+
+
+def test_ddpo_is_ratio_is_one_at_the_first_step_then_moves_and_clips(random_model_dir, monkeypatch):
+    """Two inner epochs: the first optimizer step sees θ = θ_old (ratio 1, nothing clipped); the later ones see
+    the moved θ against the stored old log-probs, so approx_kl > 0 and some ratios leave 1 ± ε."""
+    models = ddpo.load_models(str(random_model_dir), "cpu")  # a fresh copy: this test trains it
+    real, seen = ddpo.ddpo_is_loss, []
+    monkeypatch.setattr(ddpo, "ddpo_is_loss", lambda *a: seen.append(real(*a)) or seen[-1])
+    _, steps, logs = count_round(models, "is", "--inner-epochs", "2", "--num-minibatches", "1",
+                                 optimizer=torch.optim.AdamW(models.unet.parameters(), lr=1e-3))
+    assert steps == 2 and len(seen) == 8  # 2 steps x 4 timesteps, one chunk of 4 samples each
+    first, later = seen[:4], seen[4:]
+    assert all(kl.item() < 1e-12 and cf.item() == 0 for _, kl, cf in first), "the ratio must be 1 when θ = θ_old"
+    assert all(kl.item() > 1e-10 for _, kl, _ in later) and max(cf.item() for _, _, cf in later) > 0
+    assert logs["clipfrac"] > 0 and logs["approx_kl"] > 0
+
+
+def test_rwr_regresses_on_the_final_sample_x0(random_models, monkeypatch):
+    real, seen = ddpo.ddpm_loss, []
+    monkeypatch.setattr(ddpo, "ddpm_loss", lambda models, x0, *a: seen.append(x0) or real(models, x0, *a))
+    args = small_args("--algo", "rwr", "--num-minibatches", "1")
+    traj = ddpo.rollout(random_models, ["cat", "dog"], args, torch.Generator().manual_seed(9))
+    ddpo.train_round(random_models, torch.optim.SGD(random_models.unet.parameters(), lr=0.0), traj,
+                     torch.tensor([1.0, -1.0]), torch.zeros(2), args, torch.Generator().manual_seed(0),
+                     ddpo.encode_prompts(random_models, [""]))
+    assert len(seen) == 1 and len(seen[0]) == 2  # one minibatch of both samples, in the round's shuffled order
+    x0 = traj.states[:, -1]  # a = x_0, the image that was scored, not x_T or any other state
+    found = [next((i for i in range(2) if torch.equal(row, x0[i])), None) for row in seen[0]]
+    assert sorted(found, key=str) == [0, 1], "RWR must regress on the final samples x_0"
+
+
+def test_sparse_rwr_takes_no_step_when_no_sample_reaches_c(random_model_dir):
+    """AdamW with weight decay would move every weight even on a zero loss: the step must be skipped."""
+    models = ddpo.load_models(str(random_model_dir), "cpu")
+    before = [p.detach().clone() for p in models.unet.parameters()]
+    optimizer = torch.optim.AdamW(models.unet.parameters(), lr=1e-2, weight_decay=0.1)
+    _, steps, logs = count_round(models, "rwr-sparse", "--rwr-threshold", "100", "--num-minibatches", "2",
+                                 optimizer=optimizer)
+    assert steps == 0 and logs["skipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, models.unet.parameters()))
+    # with C = 3 only the sample with r = 3 is kept: one of the two minibatches steps, the other is skipped
+    _, steps, logs = count_round(models, "rwr-sparse", "--rwr-threshold", "3", "--num-minibatches", "2",
+                                 optimizer=optimizer)
+    assert steps == 1 and logs["skipped"] == 0.5
+
+
+def test_non_finite_weights_after_a_step_stop_the_round(random_model_dir):
+    models = ddpo.load_models(str(random_model_dir), "cpu")
+    optimizer = torch.optim.SGD(models.unet.parameters(), lr=0.0)
+    name, param = next(iter(models.unet.named_parameters()))
+    optimizer.register_step_post_hook(lambda *_: param.data.fill_(float("inf")))  # an update that overflowed
+    with pytest.raises(ddpo.NonFinite, match=rf"non-finite weights \({name}\) after optimizer step 1"):
+        count_round(models, "is", "--num-minibatches", "1", optimizer=optimizer)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -329,12 +479,31 @@ def test_jpeg_rewards():
     assert compress.dtype == torch.float32 and compress.shape == (2,)
 
 
-def test_non_finite_or_misshapen_reward_stops_with_the_sample_named():
+def test_non_finite_misshapen_or_raising_reward_stops_with_the_sample_named():
     broken = lambda images, prompts: torch.tensor([0.5, float("nan"), 1.0])
-    with pytest.raises(SystemExit, match=r"reward 'broken' returned nan for sample 1 \(prompt 'dog'\)"):
+    with pytest.raises(ddpo.RunError, match=r"reward 'broken' returned nan for sample 1 \(prompt 'dog'\)"):
         ddpo.compute_rewards(broken, "broken", torch.zeros(3, 3, 4, 4), ["cat", "dog", "cow"])
-    with pytest.raises(SystemExit, match=r"returned shape \(3,\), expected \(2,\)"):
+    with pytest.raises(ddpo.RunError, match=r"returned shape \(3,\), expected \(2,\)"):
         ddpo.compute_rewards(broken, "broken", torch.zeros(2, 3, 4, 4), ["cat", "dog"])
+
+    def no_cows(images, prompts):
+        if "cow" in prompts:
+            raise ValueError("cannot score cows")
+        return torch.zeros(len(prompts))
+
+    with pytest.raises(ddpo.RunError, match=r"reward 'no_cows' raised ValueError: cannot score cows on sample 2 "
+                                            r"\(prompt 'cow'\)"):
+        ddpo.compute_rewards(no_cows, "no_cows", torch.zeros(4, 3, 4, 4), ["cat", "dog", "cow", "pig"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"a cat\n\xff\xfe a dog\n", "cannot be read as UTF-8 text"),
+    (b"a cat\n\x00\x01\x02\n", "is not a text file"),
+])
+def test_a_prompt_file_that_is_not_text_is_one_line(tmp_path, content, message):
+    (tmp_path / "prompts.txt").write_bytes(content)
+    with pytest.raises(SystemExit, match=f"error: prompt file {tmp_path / 'prompts.txt'} {message}"):
+        ddpo.load_prompts(str(tmp_path / "prompts.txt"))
 
 
 def test_prompt_sets():
@@ -426,16 +595,21 @@ def test_cli_same_seed_same_results_and_lr_zero_changes_nothing(tmp_path):
     (["--prompts", "no_such_file.txt"], "prompt file or set 'no_such_file.txt' does not exist"),
     (["--eta", "0"], "--eta 0.0 is out of range"),
     (["--clip-range", "-1"], "--clip-range -1.0 is out of range"),
-    (["--samples-per-epoch", "10", "--sample-batch-size", "4"], "must be a multiple of --sample-batch-size"),
+    (["--samples-per-epoch", "10", "--sample-batch-size", "4"], "--samples-per-epoch 10 is not a multiple of --sample-batch-size 4"),
     (["--sample-batch-size", "0"], "--sample-batch-size 0 is out of range"),
     (["--timestep-fraction", "1.5"], "--timestep-fraction 1.5 is out of range"),
     (["--model", "/no/such/model"], "cannot load model '/no/such/model'"),
 ])
-def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, argv, message):
-    result = run_cli(*argv, "--out-dir", str(tmp_path / "runs"))
-    assert result.returncode != 0
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, main_error, argv, message):
+    assert message in main_error(*argv, "--out-dir", str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_from_the_shell_is_one_line_on_stderr(tmp_path):
+    """The same through a real process, once: exit status, stderr and nothing written."""
+    result = run_cli("--eta", "2", "--out-dir", str(tmp_path / "runs"))
+    assert result.returncode == 1 and result.stderr == ("error: --eta 2.0 is out of range (must be 0 < η ≤ 1) "
+                                                        "(see --help)\n")
     assert not (tmp_path / "runs").exists()
 
 
@@ -451,21 +625,119 @@ def test_a_hub_id_with_the_hub_unreachable_is_one_line_saying_so(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_folder_that_is_not_a_pipeline_is_one_line_naming_it(tmp_path):
-    result = run_cli("--model", str(tmp_path), "--out-dir", str(tmp_path / "runs"))
-    assert result.returncode != 0
-    assert result.stderr.strip().startswith(f"error: cannot load model folder {tmp_path} (")
+def test_a_folder_that_is_not_a_pipeline_is_one_line_naming_it(tmp_path, main_error):
+    line = main_error("--model", str(tmp_path), "--out-dir", str(tmp_path / "runs"))
+    assert line.startswith(f"error: cannot load model folder {tmp_path} (") and line.endswith("needs a diffusers pipeline layout")
 
 
-def test_empty_prompt_file_is_an_error(tmp_path):
+def test_empty_prompt_file_is_an_error(tmp_path, main_error):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    result = run_cli("--prompts", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "runs"))
-    assert result.returncode != 0 and result.stderr.strip() == f"error: prompt file {tmp_path / 'empty.txt'} has no prompts"
+    line = main_error("--prompts", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "runs"))
+    assert line == f"error: prompt file {tmp_path / 'empty.txt'} has no prompts"
     assert not (tmp_path / "runs").exists()
 
 
-def test_help_documents_every_flag():
+FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume eval
+eval-prompts device samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
+adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
+rwr-beta rwr-threshold clip-model aesthetic-head vlm bertscore-model pickscore-model pickscore-processor""".split()
+
+
+def test_help_lists_the_documented_flags_with_their_defaults_and_symbols():
+    """The interface written out by hand: a flag added, dropped or renamed without the README changes this list."""
     result = run_cli("--help")
     assert result.returncode == 0
-    for f in ddpo.dataclasses.fields(ddpo.Args):
-        assert "--" + f.name.replace("_", "-") in result.stdout
+    listed = re.findall(r"^  (?:-h, )?(--[a-z-]+)", result.stdout, flags=re.M)
+    assert sorted(listed) == sorted(["--help"] + ["--" + f for f in FLAGS])
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for snippet in ("ε, DDPO_IS ratio clip", "(default: 0.0001)", "η, DDIM noise scale, 0 < η ≤ 1", "(default: 20)",
+                    "w, classifier-free guidance", "{sf,is,rwr,rwr-sparse}", "the paper's w = exp(β·r)/Z"):
+        assert snippet in text, snippet
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eta", "1.5"], "--eta 1.5 is out of range (must be 0 < η ≤ 1)"),  # above 1 the DDIM mean is a NaN
+    (["--eta", "nan"], "--eta nan is out of range (must be finite)"),
+    (["--lr", "inf"], "--lr inf is out of range (must be finite)"),
+    (["--lr=-1e-4"], "--lr -0.0001 is out of range (must be ≥ 0)"),
+    (["--guidance-scale", "nan"], "--guidance-scale nan is out of range (must be finite)"),
+    (["--max-grad-norm", "inf"], "--max-grad-norm inf is out of range (must be finite)"),
+    (["--rwr-beta", "-1"], "--rwr-beta -1.0 is out of range (must be ≥ 0)"),
+    (["--rwr-threshold=-inf"], "--rwr-threshold -inf is out of range (must be finite)"),
+    (["--epochs", "0"], "--epochs 0 is out of range (must be > 0)"),  # a run with no epoch has no checkpoint
+    (["--rwr-weights", "logits"], "argument --rwr-weights: invalid choice: 'logits'"),
+])
+def test_out_of_range_and_non_finite_flags_are_refused_by_name(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
+        ddpo.parse_args(argv)
+
+
+def write_run_args(folder, **settings):
+    """A run folder as far as the command line is concerned: its args.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {**ddpo.dataclasses.asdict(ddpo.Args()), "prompts": "imagenet_animals", "lora_rank": 0, **settings}
+    (folder / "args.json").write_text(json.dumps(saved))
+    return folder
+
+
+def test_resume_takes_every_typed_flag_it_may_change_and_refuses_the_others(tmp_path):
+    run = write_run_args(tmp_path / "r", epochs=5, save_every=2, device="cuda", lr=3e-4)
+    # typed values equal to the flags' defaults count too (20, 5 and cpu are the defaults)
+    args = ddpo.parse_args(["--resume", str(run), "--epochs", "20", "--save-every", "5", "--device", "cpu"])
+    assert (args.epochs, args.save_every, args.device, args.lr) == (20, 5, "cpu", 3e-4)
+    assert ddpo.parse_args(["--resume", str(run)]).epochs == 5
+    assert ddpo.parse_args(["--resume", str(run), "--lr", "3e-4"]).lr == 3e-4  # the run's own value: no change
+    with pytest.raises(SystemExit, match=r"--lr, --seed cannot change \(only --epochs, --save-every, --device can\)"):
+        ddpo.parse_args(["--resume", str(run), "--lr", "0.5", "--seed", "3"])
+
+
+def test_a_run_made_with_an_unknown_reward_is_one_line(tmp_path):
+    run = write_run_args(tmp_path / "r", reward="my_reward")
+    for argv in (["--resume", str(run)], ["--eval", str(run)], ["--model", str(run)]):
+        with pytest.raises(SystemExit, match=r"was made with --reward 'my_reward', which this ddpo.py does not know"):
+            ddpo.parse_args(argv)
+
+
+def test_a_run_as_model_keeps_its_lora_rank_and_eval_its_precision(tmp_path):
+    run = write_run_args(tmp_path / "r", lora_rank=4, mixed_precision="bf16")
+    assert ddpo.parse_args(["--model", str(run)]).lora_rank == 4
+    with pytest.raises(SystemExit, match=r"is a run trained with LoRA rank 4; --lora-rank 0 cannot change that"):
+        ddpo.parse_args(["--model", str(run), "--lora-rank", "0"])
+    assert ddpo.parse_args(["--eval", str(run)]).mixed_precision == "bf16"
+    assert ddpo.parse_args(["--eval", str(run), "--mixed-precision", "no"]).mixed_precision == "no"
+
+
+def test_an_unwritable_out_dir_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(ddpo, "load_models", lambda *a, **k: pytest.fail("loaded a model first"))
+    with pytest.raises(SystemExit, match=r"error: cannot write the run folder .*a_file/runs/r \(NotADirectoryError: "):
+        ddpo.main(["--out-dir", str(tmp_path / "a_file" / "runs"), "--run-name", "r"])
+    assert (tmp_path / "a_file").is_file()
+
+
+def test_a_model_folder_with_a_damaged_weights_file_names_the_file(tmp_path, random_model_dir):
+    shutil.copytree(random_model_dir, tmp_path / "m")
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SystemExit, match=f"cannot load model folder {tmp_path / 'm'}: weights file {weights} is damaged"):
+        ddpo.load_models(str(tmp_path / "m"), "cpu")
+
+
+def test_a_scheduler_without_a_density_is_refused_before_anything_is_written(tmp_path, random_model_dir):
+    shutil.copytree(random_model_dir, tmp_path / "m")
+    config = tmp_path / "m" / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "set_alpha_to_one": True}))
+    with pytest.raises(SystemExit, match=r"cannot use model .*: its set_alpha_to_one=True makes the last DDIM step "
+                                         r"deterministic \(σ_t = 0, no density\)"):
+        ddpo.main(["--model", str(tmp_path / "m"), "--out-dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_latents_stop_the_run_with_one_clean_line(tmp_path):
+    """w = 1e30 is finite, but the guided prediction overflows the next UNet call: named, not scored as a black
+    image (the smallest JPEG, so compressibility would 'improve'). No progress-bar residue before the line."""
+    result = run_cli("--guidance-scale", "1e30", "--num-steps", "3", "--out-dir", str(tmp_path), "--run-name", "r")
+    assert result.returncode != 0 and "\x1b" not in result.stderr and "\r" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: non-finite latents while sampling, first after DDIM step "
+                                                      "2 of 3 in epoch 0; no checkpoint was written yet")
+    assert not (tmp_path / "r" / "checkpoints").exists()

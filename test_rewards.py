@@ -194,7 +194,7 @@ def test_clip_similarities_equal_clip_model_outputs(tiny, name):
 
 
 def test_registry_rejects_unknown_names_with_the_known_ones():
-    with pytest.raises(KeyError, match="unknown reward 'beauty'; known rewards: jpeg, incompressibility, aesthetic"):
+    with pytest.raises(KeyError, match="unknown reward 'beauty'; known rewards: jpeg, compressibility, incompressibility, aesthetic"):
         rewards.make_reward("beauty", "cpu")
 
 
