@@ -1,0 +1,185 @@
+"""Tests are tested: each plausible wrong version of a formula or of the bookkeeping must fail a test.
+
+First the named tests must all pass on an unchanged copy of the project (else nothing below means anything).
+Then, for every mutant below, the copy gets that one change, and the tests named beside it must fail (pytest
+exit code 1). A mutant that passes them is a hole in the suite: the check exits non-zero and names it. The
+right code must occur exactly once, so a mutant whose code has since changed is reported, not ignored.
+
+    python mutation_check.py            # all mutants, about 6 minutes on 2 CPU cores
+    python mutation_check.py rwr ratio  # only mutants whose name contains one of these words
+    python mutation_check.py --list
+
+Every new formula adds its wrong versions here.
+"""
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+D, P = "test_ddpo.py::", "test_paper_setup.py::"
+
+# (name, file, the right code, the wrong version, the tests that must catch it)
+MUTANTS = [
+    # §3.1: the policy step and its log-probability
+    ("DDIM sigma_t without eta", "ddpo.py", "sigma_t = eta * ((1", "sigma_t = ((1", [D + "test_ddim_step_equals_diffusers"]),
+    ("DDIM mean drops sigma_t^2 from the direction", "ddpo.py", "(1 - alpha_bar_prev - sigma_t**2).sqrt() * eps",
+     "(1 - alpha_bar_prev).sqrt() * eps", [D + "test_ddim_step_equals_diffusers"]),
+    ("guidance around the conditional prediction", "ddpo.py",
+     "eps = eps_uncond.float() + guidance_scale", "eps = eps_cond.float() + guidance_scale",
+     [D + "test_guidance_scale_combines_the_two_predictions"]),
+    ("log-prob summed over dimensions", "ddpo.py", "return log_prob.mean(dim=tuple(range(1, x_prev.ndim)))",
+     "return log_prob.sum(dim=tuple(range(1, x_prev.ndim)))", [D + "test_log_prob_equals_torch_normal"]),
+    ("log-prob with sigma instead of sigma^2", "ddpo.py", "/ (2 * sigma_t**2)", "/ (2 * sigma_t)",
+     [D + "test_log_prob_equals_torch_normal"]),
+    ("eta above 1 accepted", "ddpo.py", '"eta": (0 < args.eta <= 1,', '"eta": (0 < args.eta,',
+     [D + "test_out_of_range_and_non_finite_flags_are_refused_by_name"]),
+    ("rescore takes uncond rows as they come", "ddpo.py", "uncond[:1].expand(len(rows), -1, -1)", "uncond[: len(rows)]",
+     [D + "test_rescoring_unchanged_weights_gives_ratio_one"]),
+    # §4.4: advantages
+    ("compute_advantages ignores the per-prompt tracker", "ddpo.py", 'if args.advantage == "per-prompt":', "if False:",
+     [D + "test_per_prompt_advantages_use_each_prompts_own_rewards"]),
+    ("group sampling normalises by the batch, not the group", "ddpo.py",
+     "stats = rewards[mine] if self.group_size > 1 else rewards", "stats = rewards",
+     [D + "test_group_sampling_normalises_each_prompt_by_its_own_group"]),
+    ("group sampling draws k different prompts", "ddpo.py",
+     "prompts = [c for c in rng.choices(prompt_set, k=args.samples_per_epoch // k) for _ in range(k)]",
+     "prompts = rng.choices(prompt_set, k=args.samples_per_epoch)",
+     [D + "test_group_sampling_draws_k_samples_of_each_prompt_with_distinct_noise"]),
+    ("batch advantages not divided by the std", "ddpo.py",
+     "(rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6), 0.0", "(rewards - rewards.mean()), 0.0",
+     [D + "test_advantages_batch_mode_and_clipping"]),
+    ("advantages not clipped", "ddpo.py", "return advantages.clamp(-args.adv_clip, args.adv_clip), own",
+     "return advantages, own", [D + "test_advantages_batch_mode_and_clipping"]),
+    # §4.4: the estimators
+    ("DDPO_SF loss with the wrong sign", "ddpo.py", "return -(advantages * log_prob).mean()",
+     "return (advantages * log_prob).mean()", [D + "test_score_function_gradient_is_unbiased_on_a_toy_problem"]),
+    ("DDPO_IS clip on the wrong side (min)", "ddpo.py", "torch.max(pg_loss1, pg_loss2)", "torch.min(pg_loss1, pg_loss2)",
+     [D + "test_clipped_loss_matches_hand_computed"]),
+    ("DDPO_IS old log-prob from the current policy", "ddpo.py", "old = traj.log_probs[rows, steps[rows, k]]",
+     "old = log_prob.detach()", [D + "test_ddpo_is_ratio_is_one_at_the_first_step_then_moves_and_clips"]),
+    ("approx_kl as half the squared mean logratio", "ddpo.py", "approx_kl = 0.5 * (logratio**2).mean()",
+     "approx_kl = 0.5 * logratio.mean() ** 2", [D + "test_approx_kl_and_clipfrac_over_several_samples"]),
+    ("clipfrac summed instead of averaged", "ddpo.py", "clipfrac = ((ratio - 1).abs() > clip_range).float().mean()",
+     "clipfrac = ((ratio - 1).abs() > clip_range).float().sum()", [D + "test_approx_kl_and_clipfrac_over_several_samples"]),
+    ("DDPO_SF takes several optimizer steps per round", "ddpo.py", '(1, 1) if args.algo == "sf" else',
+     '(args.num_minibatches, args.inner_epochs) if args.algo == "sf" else',
+     [D + "test_batch_arithmetic_flags_decide_the_forward_passes"]),
+    ("trained timesteps rounded, not truncated", "ddpo.py", "max(1, int(args.timestep_fraction * T))",
+     "max(1, round(args.timestep_fraction * T))", [D + "test_trained_timesteps_truncate_like_the_pytorch_port"]),
+    ("chunks of a minibatch not weighted by their share", "ddpo.py", "share = len(rows) / len(minibatch)", "share = 1.0",
+     [P + "test_a_minibatch_in_chunks_of_train_batch_size_gives_the_same_update"]),
+    ("fp16 gradients clipped before unscaling", "ddpo.py", "scaler.unscale_(optimizer)  #", "pass  #",
+     [P + "test_fp16_loss_scaling_gives_the_unscaled_update"]),
+    # §4.2: RWR
+    ("RWR exponential weights not normalised", "ddpo.py", "torch.softmax(beta * x, dim=0) * len(x)",
+     "torch.exp(beta * x)", [D + "test_rwr_exponential_weights_are_the_papers_formula_by_hand"]),
+    ("RWR weights from the other quantity", "ddpo.py", 'rewards if args.rwr_weights == "reward" else advantages',
+     'advantages if args.rwr_weights == "reward" else rewards', [D + "test_rwr_weights_exponentiate_the_configured_quantity"]),
+    ("sparse RWR's default C at the 10th percentile", "ddpo.py", "torch.quantile(rewards, 0.9)",
+     "torch.quantile(rewards, 0.1)", [D + "test_sparse_rwr_keeps_rewards_at_or_above_c_by_default_the_top_tenth"]),
+    ("sparse RWR steps AdamW on an empty minibatch", "ddpo.py",
+     'if args.algo == "rwr-sparse" and not weights[minibatch].any():', "if False:",
+     [D + "test_sparse_rwr_takes_no_step_when_no_sample_reaches_c"]),
+    ("RWR regresses on x_T instead of x_0", "ddpo.py", "rwr_loss(models, traj.states[rows, -1]",
+     "rwr_loss(models, traj.states[rows, 0]", [D + "test_rwr_regresses_on_the_final_sample_x0"]),
+    # non-finite numbers
+    ("non-finite weights not checked", "ddpo.py",
+     "            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():",
+     "            if False:", [D + "test_non_finite_weights_after_a_step_stop_the_round"]),
+    ("non-finite latents not checked", "ddpo.py", "    if not finite.all():", "    if False:",
+     [D + "test_non_finite_latents_stop_the_run_with_one_clean_line"]),
+    # what a checkpoint restores, what a run's flags mean
+    ("per-prompt reward buffers not saved", "ddpo.py", '"tracker": tracker.buffers,', '"tracker": {},',
+     [P + "test_resume_gives_the_same_metrics_as_training_straight[tiny]"]),
+    ("per-prompt reward buffers not restored", "ddpo.py", 'tracker.buffers = state["tracker"]', "tracker.buffers = {}",
+     [P + "test_resume_gives_the_same_metrics_as_training_straight[tiny]"]),
+    ("sampling generator not restored", "ddpo.py", 'generator.set_state(state["generator"])', "pass",
+     [P + "test_resume_gives_the_same_metrics_as_training_straight[tiny]"]),
+    ("fp16 loss scale not saved", "ddpo.py", '"scaler": scaler.state_dict() if scaler else {}', '"scaler": {}',
+     [P + "test_resume_gives_the_same_metrics_as_training_straight[sd-fp16]"]),
+    ("LoRA adapter initialised unseeded", "ddpo.py",
+     "    torch.manual_seed(args.seed)  # before the models: a LoRA adapter's initial weights are drawn while loading\n"
+     "    models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)\n",
+     "    models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)\n"
+     "    torch.manual_seed(args.seed)\n", [P + "test_lora_runs_follow_the_seed"]),
+    ("--resume ignores a typed flag equal to its default", "ddpo.py",
+     "**{k: getattr(args, k) for k in typed & set(RESUME_MAY_CHANGE)}",
+     "**{k: getattr(args, k) for k in RESUME_MAY_CHANGE if getattr(args, k) != getattr(Args(), k)}",
+     [D + "test_resume_takes_every_typed_flag_it_may_change_and_refuses_the_others"]),
+    ("--eval samples in the command's precision", "ddpo.py",
+     "args.mixed_precision = load_run_args(args.eval).mixed_precision", "pass",
+     [D + "test_a_run_as_model_keeps_its_lora_rank_and_eval_its_precision"]),
+]
+
+
+def copy_project(dest):
+    shutil.copytree(HERE, dest, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache", "*.tmp"))
+
+
+def pytest(root, tests):
+    """pytest's exit code on these tests in root (0 passed, 1 a test failed, else an error), and its last lines."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                cwd=root, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return None, "timed out after 600 s"
+    return result.returncode, " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
+
+
+def run_mutant(root, name, file, right, wrong, tests):
+    """'caught', 'MISSED', or why the mutant could not be applied or run."""
+    path = root / file
+    original = path.read_text()
+    if original.count(right) != 1:
+        return f"NOT APPLIED: the right code occurs {original.count(right)} times in {file} (update this mutant)"
+    path.write_text(original.replace(right, wrong))
+    try:
+        code, tail = pytest(root, tests)
+    finally:
+        path.write_text(original)
+    if code == 1:
+        return "caught"
+    if code == 0:
+        return "MISSED: every named test passed"
+    return f"INCONCLUSIVE: pytest exit {code} (a test name that does not exist, or a hang?): {tail}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("words", nargs="*", help="run only the mutants whose name contains one of these")
+    parser.add_argument("--list", action="store_true", help="list the mutants and the tests that must catch them")
+    opts = parser.parse_args()
+    chosen = [m for m in MUTANTS if not opts.words or any(w.lower() in m[0].lower() for w in opts.words)]
+    if opts.list:
+        for name, file, _, _, tests in chosen:
+            print(f"{name}  ({file})  ←  {', '.join(tests)}")
+        return
+    failures, start = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "project"
+        copy_project(root)
+        named = sorted({test for *_, tests in chosen for test in tests})
+        code, tail = pytest(root, named)
+        print(f"baseline: the {len(named)} named tests on the unchanged code: {'pass' if code == 0 else 'FAIL'} "
+              f"({time.time() - start:.0f} s)", flush=True)
+        if code != 0:
+            sys.exit(f"the named tests must pass before mutants mean anything: {tail}")
+        for i, (name, file, right, wrong, tests) in enumerate(chosen, 1):
+            t0 = time.time()
+            verdict = run_mutant(root, name, file, right, wrong, tests)
+            print(f"[{i:2d}/{len(chosen)}] {verdict:8.8s} {name} ({time.time() - t0:.0f} s)"
+                  + ("" if verdict.startswith("caught") else f"\n        {verdict}"), flush=True)
+            if not verdict.startswith("caught"):
+                failures.append(name)
+    print(f"mutation check: {len(chosen) - len(failures)} of {len(chosen)} wrong versions caught "
+          f"in {time.time() - start:.0f} s")
+    if failures:
+        sys.exit(f"not caught: {'; '.join(failures)}")
+
+
+if __name__ == "__main__":
+    main()
