@@ -73,7 +73,7 @@ class Args:
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     # --- sampling: the policy (§3.1)
     samples_per_epoch: int = arg(16, "trajectories sampled per round (paper: 256)")
-    samples_per_prompt: int = arg(1, "k: each round draws samples_per_epoch / k prompts and k trajectories of each "
+    samples_per_prompt: int = arg(4, "k: each round draws samples_per_epoch / k prompts and k trajectories of each "
                                      "(distinct noise); with k ≥ 2 a prompt's advantage uses its own group's statistics "
                                      "until its buffer holds --min-count rewards (group sampling, as in Flow-GRPO)")
     sample_batch_size: int = arg(16, "trajectories per sampling forward pass")
@@ -91,8 +91,9 @@ class Args:
     # --- optimisation
     lr: float = arg(1e-4, "AdamW learning rate (the tiny model's full fine-tuning; LoRA on SD: 3e-4)")
     max_grad_norm: float = arg(1.0, "gradient norm clip")
-    num_minibatches: int = arg(1, "optimizer steps per inner epoch (is, rwr, rwr-sparse; paper: 4); sf always takes "
-                                  "one step per round, as its samples must come from the current θ")
+    num_minibatches: int = arg(2, "optimizer steps per inner epoch (is, rwr, rwr-sparse; paper: 4). DDPO_IS needs ≥ 2 "
+                                  "steps a round: its first step is at θ = θ_old, where the ratio is 1 and the update "
+                                  "is DDPO_SF's. sf always takes one step per round: its samples must come from θ")
     inner_epochs: int = arg(1, "passes over each round's samples (is, rwr, rwr-sparse)")
     train_batch_size: int = arg(4, "samples per training forward pass; a minibatch larger than this is "
                                    "accumulated over several passes")

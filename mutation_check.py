@@ -68,6 +68,8 @@ MUTANTS = [
     ("DDPO_SF takes several optimizer steps per round", "ddpo.py", '(1, 1) if args.algo == "sf" else',
      '(args.num_minibatches, args.inner_epochs) if args.algo == "sf" else',
      [D + "test_batch_arithmetic_flags_decide_the_forward_passes"]),
+    ("DDPO_IS takes one step a round by default (= DDPO_SF)", "ddpo.py", "num_minibatches: int = arg(2,",
+     "num_minibatches: int = arg(1,", [D + "test_ddpo_is_and_sf_take_different_updates_at_the_defaults"]),
     ("trained timesteps rounded, not truncated", "ddpo.py", "max(1, int(args.timestep_fraction * T))",
      "max(1, round(args.timestep_fraction * T))", [D + "test_trained_timesteps_truncate_like_the_pytorch_port"]),
     ("chunks of a minibatch not weighted by their share", "ddpo.py", "share = len(rows) / len(minibatch)", "share = 1.0",

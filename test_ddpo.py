@@ -402,6 +402,22 @@ def test_batch_arithmetic_flags_decide_the_forward_passes(random_models, algo, o
     assert calls == [2] * passes  # each pass: conditional + unconditional
 
 
+def test_ddpo_is_and_sf_take_different_updates_at_the_defaults(random_model_dir):
+    """One optimizer step a round at θ = θ_old makes DDPO_IS's ratio 1 and its gradient DDPO_SF's: the defaults
+    give DDPO_IS several steps a round on the same samples, so after the first one its ratio moves."""
+    updates = {}
+    for algo in ("is", "sf"):
+        models = ddpo.load_models(str(random_model_dir), "cpu")
+        before = [p.detach().clone() for p in models.unet.parameters()]
+        optimizer = torch.optim.AdamW(models.unet.parameters(), lr=ddpo.parse_args([]).lr)
+        _, steps, logs = count_round(models, algo, optimizer=optimizer)  # the defaults, but T = 4
+        updates[algo] = torch.cat([(p.detach() - b).flatten() for p, b in zip(models.unet.parameters(), before)])
+        assert steps == (1 if algo == "sf" else ddpo.parse_args([]).num_minibatches * ddpo.parse_args([]).inner_epochs)
+        if algo == "is":
+            assert steps >= 2 and logs["approx_kl"] > 0
+    assert (updates["is"] - updates["sf"]).norm() > 0.1 * updates["sf"].norm()
+
+
 def test_trained_timesteps_truncate_like_the_pytorch_port():
     """int(T · fraction), as ddpo-pytorch computes it: 10 x 0.35 = 3.5 → 3 (rounding gives 4), 4 x 0.99 → 3."""
     assert ddpo.round_plan(small_args("--timestep-fraction", "0.35"), 10)[2] == 3
@@ -741,3 +757,15 @@ def test_non_finite_latents_stop_the_run_with_one_clean_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == ("error: non-finite latents while sampling, first after DDIM step "
                                                       "2 of 3 in epoch 0; no checkpoint was written yet")
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_compare_runs_every_estimator_on_the_same_samples_and_draws_the_figure(tmp_path):
+    import compare
+
+    summary = compare.main(["--algos", "sf", "rwr", "--seeds", "0", "--epochs", "1", "--out-dir", str(tmp_path), "--",
+                            "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4"])
+    folder = next(tmp_path.glob("compare__incompressibility__*"))
+    assert (folder / "compare.png").is_file() and json.loads((folder / "compare.json").read_text()) == summary
+    assert set(summary) == {"DDPO_SF", "RWR"} and summary["DDPO_SF"]["samples_seen"] == [4]
+    assert summary["DDPO_SF"]["eval_first"] == summary["RWR"]["eval_first"]  # same seed: the same model and samples
+    assert summary["DDPO_SF"]["train_reward_mean"] == summary["RWR"]["train_reward_mean"]  # epoch 1's samples, before any update

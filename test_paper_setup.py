@@ -280,7 +280,7 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path
         return real_save(tensors, path, *a, **k)
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_the_second)
-    argv = ["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2",
+    argv = ["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "2", "--samples-per-prompt", "2", "--sample-batch-size", "2",
             "--num-minibatches", "1", "--save-every", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
     with pytest.raises(SystemExit, match=r"error: cannot write checkpoint .*epoch_0002 \(OSError: \[Errno 28\] No space "
                                          r"left on device\) in epoch 2; the last good checkpoint is .*epoch_0001: resume"):
@@ -302,7 +302,7 @@ def test_a_reward_that_raises_names_the_sample_and_keeps_the_checkpoint(tmp_path
         return -torch.arange(len(prompts), dtype=torch.float32)
 
     monkeypatch.setattr(ddpo, "load_reward", lambda args: fails_in_epoch_two)
-    argv = ["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2",
+    argv = ["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "2", "--samples-per-prompt", "2", "--sample-batch-size", "2",
             "--num-minibatches", "1", "--save-every", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
     # it fails once, not on one sample: retried one sample at a time it scores them all, so the batch is named
     with pytest.raises(SystemExit, match=r"reward 'jpeg' raised RuntimeError: the reward server went away on a batch "
@@ -338,7 +338,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tm
         return (loss * float("nan") if len(calls) > 4 else loss), kl, cf  # epoch 1 has 2 steps x 2 timesteps
 
     monkeypatch.setattr(ddpo, "ddpo_is_loss", nan_in_epoch_two)
-    argv = ["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2",
+    argv = ["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "2", "--samples-per-prompt", "2", "--sample-batch-size", "2",
             "--num-minibatches", "2", "--save-every", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
     with pytest.raises(SystemExit, match=r"non-finite loss nan at optimizer step 1, timestep t=\d+ in epoch 2; "
                                           r"the last good checkpoint is .*epoch_0001: resume with --resume"):
@@ -363,7 +363,7 @@ def test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume(tm
 
 
 def test_a_run_with_a_truncated_weights_file_is_one_line_for_model_and_eval(tmp_path):
-    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2",
+    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "2", "--samples-per-prompt", "2", "--sample-batch-size", "2",
                "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r"])
     weights = tmp_path / "r" / "checkpoints" / "epoch_0001" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -378,7 +378,7 @@ def test_a_run_with_a_truncated_weights_file_is_one_line_for_model_and_eval(tmp_
     (lambda run: (run / "checkpoints" / "epoch_0001" / "state.pt").write_bytes(b"PK\3\4 not a pickle"), "is damaged"),
 ])
 def test_resume_from_a_folder_without_a_whole_checkpoint_is_one_clear_line(tmp_path, main_error, damage, message):
-    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "2", "--sample-batch-size", "2",
+    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "2", "--samples-per-prompt", "2", "--sample-batch-size", "2",
                "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r"])
     run = tmp_path / "r"
     if message == "has no checkpoint":
