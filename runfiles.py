@@ -101,6 +101,29 @@ def save_grid(images, captions, path, columns=4, cell=128):
         grid.save(tmp)
 
 
+def before_after(run_dir, path, label):
+    """The run's first and last sample grids side by side, captioned with their mean eval reward: the README's
+    pictures. python -c "import runfiles; runfiles.before_after('runs/NAME', 'docs/x.png', 'DDPO_IS')"."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    grids = [Image.open(run_dir / f"grid_{r['epoch']:03d}.png") for r in (first, last)]
+    w, h = grids[0].size
+    out = Image.new("RGB", (2 * w + 12, h + 16), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (grid, text) in enumerate(zip(grids, [
+            f"before (pretrained): eval reward {first['eval/reward_mean']:.4g}",
+            f"after {last['epoch']} epochs of {label}: {last['eval/reward_mean']:.4g}"])):
+        out.paste(grid, (i * (w + 12), 16))
+        draw.text((i * (w + 12) + 2, 2), text, fill="black")
+    with atomic_file(path) as tmp:
+        out.save(tmp)
+
+
 def plot_reward_curve(history, path):
     """The training reward (mean ± std) and the fixed evaluation samples' reward, per epoch."""
     import matplotlib

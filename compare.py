@@ -1,0 +1,90 @@
+"""The paper's Fig. 4 on a laptop: the four estimators side by side, reward against the number of samples seen.
+
+Every estimator trains the same model with the same flags, samples per epoch and seeds (only --algo differs),
+through ddpo.main, so each run is an ordinary run folder. The figure plots the mean reward of each epoch's
+training samples (drawn before that epoch's update) against the samples seen so far: the mean over seeds, with
+the range between the lowest and highest seed shaded.
+
+    python compare.py --reward incompressibility           # 4 estimators x 2 seeds x 10 epochs
+    python compare.py --reward jpeg --seeds 0 1 2 --epochs 10 -- --lr 3e-4   # after --: flags for every run
+
+Writes runs/compare__{reward}__{time}/: one run folder per (estimator, seed), compare.png and compare.json.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import ddpo
+
+NAMES = {"is": "DDPO_IS", "sf": "DDPO_SF", "rwr": "RWR", "rwr-sparse": "RWR sparse"}
+
+
+def curves(folder, algos, seeds):
+    """{algo: (samples seen (E,), training reward per seed (S, E), eval reward per seed (S, E+1))}"""
+    out = {}
+    for algo in algos:
+        rows = [[json.loads(line) for line in (folder / f"{algo}__{seed}" / "metrics.jsonl").read_text().splitlines()]
+                for seed in seeds]
+        args = ddpo.load_run_args(folder / f"{algo}__{seeds[0]}")
+        train = np.array([[r["reward/mean"] for r in run if "reward/mean" in r] for run in rows])
+        evals = np.array([[r["eval/reward_mean"] for r in run] for run in rows])
+        out[algo] = (np.arange(1, train.shape[1] + 1) * args.samples_per_epoch, train, evals)
+    return out
+
+
+def plot(data, reward, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for algo, (seen, train, _) in data.items():
+        ax.plot(seen, train.mean(0), ".-", label=f"{NAMES[algo]} ({len(train)} seeds)")
+        ax.fill_between(seen, train.min(0), train.max(0), alpha=0.15)
+    ax.set(xlabel="samples seen (reward queries)", ylabel=f"{reward} reward of the epoch's samples",
+           title=f"the four estimators on the tiny model: {reward}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reward", default="incompressibility", help="the reward every estimator is trained on")
+    p.add_argument("--algos", nargs="+", default=list(NAMES), choices=list(NAMES), help="the estimators to compare")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per estimator and seed")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each run")
+    p.add_argument("--out-dir", default="runs", help="the comparison's folder is made here")
+    opts = p.parse_args(argv[:split])
+    extra = argv[split + 1:]
+    folder = Path(opts.out_dir) / f"compare__{opts.reward}__{int(time.time())}"
+    for algo in opts.algos:
+        for seed in opts.seeds:
+            print(f"--- {NAMES[algo]}, seed {seed}", flush=True)
+            ddpo.main(["--reward", opts.reward, "--algo", algo, "--seed", str(seed), "--epochs", str(opts.epochs),
+                       "--out-dir", str(folder), "--run-name", f"{algo}__{seed}", *extra])
+    data = curves(folder, opts.algos, opts.seeds)
+    plot(data, opts.reward, folder / "compare.png")
+    summary = {NAMES[a]: {"samples_seen": seen.tolist(), "train_reward_mean": train.mean(0).tolist(),
+                          "eval_first": evals[:, 0].mean().item(), "eval_last": evals[:, -1].mean().item(),
+                          "train_last_epoch_per_seed": train[:, -1].tolist()}
+               for a, (seen, train, evals) in data.items()}
+    (folder / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
+    order = sorted(summary, key=lambda n: -np.mean(summary[n]["train_reward_mean"][-3:]))
+    print(f"last 3 epochs' training reward, best first: " +
+          ", ".join(f"{n} {np.mean(summary[n]['train_reward_mean'][-3:]):.4g}" for n in order))
+    print(f"figure: {folder / 'compare.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
