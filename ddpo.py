@@ -303,7 +303,7 @@ def load_run_args(run_dir):
         known = {f.name for f in dataclasses.fields(Args)}
         args = Args(**{k: v for k, v in saved.items() if k in known})
     except (ValueError, TypeError, AttributeError) as e:
-        fail(f"{path} is damaged ({type(e).__name__}: {runfiles.first_line(e)})")
+        fail(f"{path} is damaged ({runfiles.why(e)})")
     for name, allowed in CHOICES.items():
         if getattr(args, name) not in allowed:
             fail(f"{run_dir} was made with --{name.replace('_', '-')} {getattr(args, name)!r}, which this ddpo.py "
@@ -324,7 +324,7 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
         try:
             load_trainable(models, checkpoint / "trainable.safetensors")
         except Exception as e:  # a truncated file fails in safetensors; a mismatch in load_trainable
-            fail(f"checkpoint {checkpoint} is damaged ({type(e).__name__}: {runfiles.first_line(e)})")
+            fail(f"checkpoint {checkpoint} is damaged ({runfiles.why(e)})")
         return models
     path = str(TINY_MODEL if name == "tiny" else name)
     try:
@@ -401,7 +401,7 @@ def read_prompt_file(path):
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"prompt file {path} cannot be read as UTF-8 text ({type(e).__name__}: {runfiles.first_line(e)})")
+        fail(f"prompt file {path} cannot be read as UTF-8 text ({runfiles.why(e)})")
     if "\0" in text:
         fail(f"prompt file {path} is not a text file (it holds NUL bytes)")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -523,7 +523,7 @@ def compute_rewards(reward_fn, name, images, prompts):
         traceback.print_exc()  # the reward's own traceback, then our one line
         culprit = next((i for i in range(len(prompts)) if raises(reward_fn, images[i:i + 1], prompts[i:i + 1])), None)
         which = f"sample {culprit} (prompt {prompts[culprit]!r})" if culprit is not None else f"a batch of {len(prompts)}"
-        raise RunError(f"reward {name!r} raised {type(e).__name__}: {runfiles.first_line(e)} on {which}") from e
+        raise RunError(f"reward {name!r} raised {runfiles.why(e)} on {which}") from e
     r, extras = out if isinstance(out, tuple) else (out, {})
     r = torch.as_tensor(r, dtype=torch.float32).cpu()
     if r.shape != (len(prompts),):
@@ -783,7 +783,7 @@ def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, 
                         "scaler": scaler.state_dict() if scaler else {}},  # fp16's loss scale: {} when not in use
                        tmp / "state.pt")
     except Exception as e:  # OSError, or safetensors' own error for the same full disk
-        raise RunError(f"cannot write checkpoint {folder} ({type(e).__name__}: {runfiles.first_line(e)})") from e
+        raise RunError(f"cannot write checkpoint {folder} ({runfiles.why(e)})") from e
     for old in checkpoints(run_dir)[:-1]:
         shutil.rmtree(old)
 
@@ -802,7 +802,7 @@ def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=N
             scaler.load_state_dict(state["scaler"])
         return state["epoch"]
     except Exception as e:  # a truncated file can fail in safetensors, pickle or the optimizer; all mean one thing
-        fail(f"checkpoint {folder} is damaged ({type(e).__name__}: {runfiles.first_line(e)})")
+        fail(f"checkpoint {folder} is damaged ({runfiles.why(e)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -833,7 +833,7 @@ def train(args):
     try:
         runfiles.check_writable(run_dir)
     except OSError as e:
-        fail(f"cannot write the run folder {run_dir} ({type(e).__name__}: {runfiles.first_line(e)})")
+        fail(f"cannot write the run folder {run_dir} ({runfiles.why(e)})")
     reward_fn = load_reward(args)
     torch.manual_seed(args.seed)  # before the models: a LoRA adapter's initial weights are drawn while loading
     models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
@@ -906,7 +906,7 @@ def train(args):
                     sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}")
     except (RunError, OSError) as e:  # a full disk while writing metrics or grids is an OSError
         kept = checkpoints(run_dir)
-        what = e if isinstance(e, RunError) else f"{type(e).__name__}: {runfiles.first_line(e)}"
+        what = e if isinstance(e, RunError) else runfiles.why(e)
         fail(f"{what} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with --resume {run_dir}"
                                              if kept else "no checkpoint was written yet"))
     print(f"eval reward {history[0]['eval/reward_mean']:.4g} → {history[-1]['eval/reward_mean']:.4g}; "
@@ -977,7 +977,7 @@ def main(argv=None):
         except RunError as e:  # in --eval; train() adds the epoch and the checkpoint itself
             fail(str(e))
         except OSError as e:  # in --eval: its folder cannot be written (read-only, a full disk)
-            fail(f"{type(e).__name__}: {runfiles.first_line(e)}")
+            fail(runfiles.why(e))
     finally:  # progress bars cleared before any error line is printed, so nothing is left in front of it
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()

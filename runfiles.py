@@ -151,6 +151,11 @@ def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def why(error):
+    """An exception in one line: "TypeName: the first line of its message"."""
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
 def model_load_error(name, error):
     """One line on why --model could not be loaded: a local folder that is no pipeline, an unreachable hub, or else."""
     from huggingface_hub.errors import LocalEntryNotFoundError
