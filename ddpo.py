@@ -15,12 +15,11 @@ This file reads top to bottom like the paper:
     python -m pytest -q                                  # the tests pin every formula with numbers
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 import traceback
@@ -34,6 +33,10 @@ from tqdm import tqdm
 
 import rewards as rewards_lib
 import runfiles
+from runfiles import (RunError, checkpoints, fail, latest_checkpoint, load_checkpoint, load_trainable, read_prompt_file,
+                      save_checkpoint)
+
+sys.modules.setdefault("ddpo", sys.modules[__name__])  # run as a script this is __main__; runfiles' --eval imports ddpo
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "tiny_model"  # the built-in pretrained model (see tiny_world.py for how it was made)
@@ -82,8 +85,9 @@ class Args:
                           "above 1 the DDIM mean is undefined (paper: 1)")
     guidance_scale: float = arg(5.0, "w, classifier-free guidance in sampling and training (paper: 5)")
     # --- advantages (§4.4)
-    advantage: str = arg("per-prompt", "per-prompt: normalise r by each prompt's recent rewards; "
-                                       "batch: normalise by the round's mean and std")
+    advantage: str = arg("per-prompt", "per-prompt: normalise r by each prompt's recent rewards; batch: normalise by "
+                                       "the round's mean and std; value: r − V_φ(x_t, t, c), DPOK's learned baseline "
+                                       "(sf, is)")
     buffer_size: int = arg(16, "rewards kept per prompt by the per-prompt tracker")
     min_count: int = arg(16, "a prompt uses its buffer's statistics once it has this many rewards; before, its "
                              "group's (--samples-per-prompt ≥ 2) or else the batch's")
@@ -104,6 +108,11 @@ class Args:
     rwr_beta: float = arg(1.0, "β ≥ 0, RWR inverse temperature in w = exp(β·r)/Z or exp(β·A)/Z (see --rwr-weights)")
     rwr_threshold: Optional[float] = arg(None, "C, rwr-sparse keeps samples with r ≥ C; default: the 90th "
                                                "percentile of the round's rewards")
+    # --- DPOK (Fan et al. 2023): a KL penalty towards the pretrained model, a learned value baseline
+    kl_coef: float = arg(0.0, "β ≥ 0, DPOK's KL penalty: adds β·KL(π_θ(·|s_t) ‖ π_pre(·|s_t)) on every trained step "
+                              "(sf, is); 0 = off")
+    value_lr: float = arg(1e-3, "AdamW learning rate of the value function V_φ (--advantage value)")
+    value_steps: int = arg(8, "gradient steps a round fitting V_φ to the round's rewards (--advantage value)")
     # --- the learned rewards' models (rewards.py): hub ids, or local folders to work offline
     clip_model: str = arg(*rewards_lib.MODEL_OPTIONS["clip_model"])
     aesthetic_head: str = arg(*rewards_lib.MODEL_OPTIONS["aesthetic_head"])
@@ -123,7 +132,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
-CHOICES = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch"),
+CHOICES = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
            "rwr_weights": ("reward", "advantage"), "mixed_precision": ("no", "fp16", "bf16")}
 RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
 
@@ -149,11 +158,13 @@ def parse_args(argv=None) -> Args:
                                    run_name=Path(args.resume).name, eval="",
                                    **{k: getattr(args, k) for k in typed & set(RESUME_MAY_CHANGE)})
     positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
-                "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every")
+                "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every",
+                "value_steps")
     finite = ("eta", "guidance_scale", "adv_clip", "lr", "max_grad_norm", "timestep_fraction", "clip_range",
-              "rwr_beta", "rwr_threshold")
+              "rwr_beta", "rwr_threshold", "kl_coef", "value_lr")
     checks = {**{name: (getattr(args, name) > 0, "> 0") for name in positive},
-              "lr": (args.lr >= 0, "≥ 0"), "rwr_beta": (args.rwr_beta >= 0, "≥ 0"),
+              "lr": (args.lr >= 0, "≥ 0"), "rwr_beta": (args.rwr_beta >= 0, "≥ 0"), "kl_coef": (args.kl_coef >= 0, "≥ 0"),
+              "value_lr": (args.value_lr >= 0, "≥ 0"),
               "eta": (0 < args.eta <= 1, "0 < η ≤ 1"), "timestep_fraction": (0 < args.timestep_fraction <= 1, "in (0, 1]"),
               "lora_rank": (args.lora_rank is None or args.lora_rank >= 0, "≥ 0")}
     checks.update({name: (False, "finite") for name in finite
@@ -166,6 +177,8 @@ def parse_args(argv=None) -> Args:
                     ("--num-minibatches", minibatches)):
         if args.samples_per_epoch % n:
             p.error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
+    if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
+        p.error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
     args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS[args.reward]
     if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full UNet
         rank = load_run_args(args.model).lora_rank
@@ -179,11 +192,6 @@ def parse_args(argv=None) -> Args:
         args.mixed_precision = load_run_args(args.eval).mixed_precision
     args.run_name = args.run_name or f"{args.reward}__{args.algo}__{args.seed}__{int(time.time())}"
     return args
-
-
-def fail(message):
-    """Stop with one clear line on stderr and a non-zero exit."""
-    raise SystemExit(f"error: {message}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,6 +274,16 @@ def gaussian_log_prob(x_prev, mean, sigma_t):
     return log_prob.mean(dim=tuple(range(1, x_prev.ndim)))  # (B,)
 
 
+def gaussian_kl(mean, mean_pre, sigma_t):
+    """KL(N(μ_θ, σ_t² I) ‖ N(μ_pre, σ_t² I)) = ‖μ_θ − μ_pre‖² / (2σ_t²), averaged over dimensions like the log-prob.
+
+    DPOK (Fan et al. 2023, §4): the per-step KL between the fine-tuned and the pretrained policy; summed over t
+    it bounds KL(p_θ(x_0|c) ‖ p_pre(x_0|c)). Both Gaussians share σ_t, so it is this closed form, no sampling.
+    """
+    kl = (mean.float() - mean_pre.detach().float()) ** 2 / (2 * sigma_t**2)
+    return kl.mean(dim=tuple(range(1, mean.ndim)))  # (B,)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Models: the tiny built-in model and Stable Diffusion load through the same from_pretrained calls
 # ----------------------------------------------------------------------------------------------------------
@@ -283,6 +301,7 @@ class Models:
     vae: Optional[torch.nn.Module]  # None: the model works in pixel space
     device: str
     dtype: torch.dtype = torch.float32  # of the frozen weights and the UNet's forward pass (autocast)
+    reference: Optional[torch.nn.Module] = None  # a frozen copy of the UNet as loaded: π_pre under full fine-tuning
 
     def autocast(self):
         return torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -394,22 +413,6 @@ def ddpm_loss(models, x0, cond, generator):
 # Prompts: p(c) (paper §5)
 # ----------------------------------------------------------------------------------------------------------
 
-def read_prompt_file(path):
-    path = Path(path)
-    if not path.is_file():
-        fail(f"prompt file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"prompt file {path} cannot be read as UTF-8 text ({runfiles.why(e)})")
-    if "\0" in text:
-        fail(f"prompt file {path} is not a text file (it holds NUL bytes)")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        fail(f"prompt file {path} has no prompts")
-    return prompts
-
-
 def alignment_prompts(activities_file):
     """Paper §5.3: "a(n) [animal] [activity]" from the 45 simple animals and a file of activities."""
     animals = read_prompt_file(PROMPTS / "simple_animals.txt")
@@ -468,6 +471,19 @@ def policy(models, x_t, t, cond, uncond, guidance_scale, eta):
 
 
 @torch.no_grad()
+def pretrained_mean(models, *state):
+    """μ_pre(x_t, t, c) of π_pre, the model before fine-tuning (DPOK's KL). With LoRA it is the same UNet with its
+    adapter switched off (one UNet in memory); under full fine-tuning, the frozen copy models.reference."""
+    if models.reference is not None:
+        return policy(dataclasses.replace(models, unet=models.reference), *state)[0]
+    models.unet.disable_adapters()
+    try:
+        return policy(models, *state)[0]
+    finally:
+        models.unet.enable_adapters()
+
+
+@torch.no_grad()
 def rollout(models, prompts, args, generator) -> Trajectories:
     """Sample one trajectory per prompt: x_T ~ N(0, I), then T actions a_t = x_{t-1} ~ π(· | s_t)."""
     models.scheduler.set_timesteps(args.num_steps)
@@ -488,12 +504,15 @@ def rollout(models, prompts, args, generator) -> Trajectories:
 
 
 def rescore(models, traj, rows, steps, uncond, args):
-    """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices `steps` (one per row), (b,).
+    """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices `steps` (one per row), (b,);
+    and KL(π_θ(·|s_t) ‖ π_pre(·|s_t)), (b,), when --kl-coef > 0 (else None).
 
     uncond is the empty prompt's embedding, (1, L, D) or more rows; its first row serves every sample."""
-    mean, sigma_t = policy(models, traj.states[rows, steps], traj.timesteps[steps].to(models.device),
-                           traj.cond[rows], uncond[:1].expand(len(rows), -1, -1), args.guidance_scale, args.eta)
-    return gaussian_log_prob(traj.states[rows, steps + 1], mean, sigma_t)
+    state = (traj.states[rows, steps], traj.timesteps[steps].to(models.device), traj.cond[rows],
+             uncond[:1].expand(len(rows), -1, -1), args.guidance_scale, args.eta)
+    mean, sigma_t = policy(models, *state)
+    kl = gaussian_kl(mean, pretrained_mean(models, *state), sigma_t) if args.kl_coef > 0 else None
+    return gaussian_log_prob(traj.states[rows, steps + 1], mean, sigma_t), kl
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,11 +526,6 @@ def load_reward(args):
         return rewards_lib.make_reward(args.reward, args.device, **options)
     except rewards_lib.RewardLoadError as e:
         fail(f"reward {args.reward!r}: {e}")
-
-
-class RunError(Exception):
-    """A failure that ends a run: a reward that raises or returns NaN, non-finite numbers, a disk that is full.
-    train() adds which epoch it was and where the last good checkpoint is."""
 
 
 def compute_rewards(reward_fn, name, images, prompts):
@@ -578,6 +592,58 @@ def compute_advantages(tracker, prompts, rewards, args):
     else:
         advantages, own = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6), 0.0
     return advantages.clamp(-args.adv_clip, args.adv_clip), own
+
+
+class ValueFunction(torch.nn.Module):
+    """DPOK's learned baseline V_φ(x_t, t, c) ≈ E[r(x_0, c) | s_t]: two strided convolutions on x_t, pooled, then
+    with the timestep (t / 1000) and the prompt's mean token embedding an MLP to one number. Small on purpose:
+    it only needs to predict the reward's part that the state already decides."""
+
+    def __init__(self, channels, cond_dim, width=64):
+        super().__init__()
+        conv = lambda c_in: torch.nn.Conv2d(c_in, width, 3, stride=2, padding=1)  # noqa: E731
+        self.image = torch.nn.Sequential(conv(channels), torch.nn.SiLU(), conv(width), torch.nn.SiLU(),
+                                         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Sequential(torch.nn.Linear(width + cond_dim + 1, width), torch.nn.SiLU(), torch.nn.Linear(width, 1))
+        self.register_buffer("fitted", torch.tensor(False))  # the output bias starts at the first round's mean reward
+
+    def forward(self, x_t, t, cond):  # (N, C, H, W), (N,) timesteps, (N, L, D) → (N,)
+        features = torch.cat([self.image(x_t.float()), cond.float().mean(1), t.float()[:, None] / 1000], 1)
+        return self.head(features).squeeze(1)
+
+
+def value_at(value, traj, j):
+    """V_φ(s_t) at step index j of every trajectory, (B,)."""
+    return value(traj.states[:, j], traj.timesteps[j].expand(len(traj.prompts)).to(traj.states.device), traj.cond)
+
+
+def value_advantages(value, traj, rewards, args):
+    """DPOK's advantage of step t: δ = r − V_φ(s_t), normalised over the round as the batch advantages are, and
+    clipped, (B, T). V_φ has not seen this round's rewards (fit_value runs after), so a sample's baseline never
+    contains its own reward. Also returns what V_φ's error on these new trajectories was."""
+    with torch.no_grad():
+        v = torch.stack([value_at(value, traj, j) for j in range(traj.log_probs.shape[1])], 1)  # (B, T)
+        delta = rewards.to(traj.states.device)[:, None] - v
+    advantages = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)
+    variance = rewards.var(unbiased=False).item()
+    logs = {"value/loss": delta.pow(2).mean().item(),  # on rewards V_φ has not been fitted to
+            "value/explained_variance": 1 - delta.var(unbiased=False).item() / variance if variance > 0 else 0.0}
+    return advantages.clamp(-args.adv_clip, args.adv_clip).cpu(), logs
+
+
+def fit_value(value, optimizer, traj, rewards, args):
+    """Regress V_φ(s_t) onto the final reward r of the round's trajectories, every step t (DPOK §4): value_steps
+    full-batch AdamW steps on the mean squared error, one backward per step t (memory stays at B states)."""
+    rewards = rewards.to(traj.states.device)
+    if not value.fitted:  # V_φ predicts rewards on their own scale, which AdamW's small steps would take long to reach
+        value.head[-1].bias.data.fill_(rewards.mean().item())
+        value.fitted.fill_(True)
+    T = traj.log_probs.shape[1]
+    for _ in range(args.value_steps):
+        optimizer.zero_grad(set_to_none=True)
+        for j in range(T):
+            ((value_at(value, traj, j) - rewards).pow(2).mean() / T).backward()
+        optimizer.step()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -668,7 +734,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
     weights = rwr_weights(args, rewards, advantages).to(models.device) if rwr else None
     advantages = advantages.to(models.device)
     params = {n: p for n, p in models.unet.named_parameters() if p.requires_grad}
-    logs = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], "skipped": []}
+    logs = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "grad_norm": [], "skipped": []}
     bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False, disable=None)
     n_steps = 0
     for _ in range(inner_epochs):
@@ -690,14 +756,19 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
                     logs["loss"].append(loss.item())
                     continue
                 for k in range(n_timesteps):
-                    log_prob = rescore(models, traj, rows, steps[rows, k], uncond, args)
+                    log_prob, kl = rescore(models, traj, rows, steps[rows, k], uncond, args)
+                    # A of each sample, or of each sample's step with DPOK's value baseline (B, T)
+                    adv = advantages[rows, steps[rows, k]] if advantages.ndim == 2 else advantages[rows]
                     if args.algo == "sf":
-                        loss = ddpo_sf_loss(log_prob, advantages[rows])
+                        loss = ddpo_sf_loss(log_prob, adv)
                     else:  # the old log-prob is the one stored at sampling time, under θ_old
                         old = traj.log_probs[rows, steps[rows, k]]
-                        loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, advantages[rows], args.clip_range)
+                        loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, adv, args.clip_range)
                         logs["approx_kl"].append(approx_kl.item())
                         logs["clipfrac"].append(clipfrac.item())
+                    if kl is not None:  # DPOK: + β KL(π_θ ‖ π_pre) on the same step
+                        loss = loss + args.kl_coef * kl.mean()
+                        logs["kl"].append(kl.mean().item())
                     backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[rows[0], k]].item()}")
                     logs["loss"].append(loss.item())
             scaler.unscale_(optimizer)  # the true gradients, before clipping
@@ -739,73 +810,6 @@ def sample(models, prompts, args, generator, batch_size, desc="sampling"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temp folder and renamed (runfiles.atomic_folder), so a checkpoint on disk is whole
-# ----------------------------------------------------------------------------------------------------------
-
-def trainable_state(models):
-    """The weights that training changes: the whole UNet, or only its LoRA adapter."""
-    return {n: p.detach().cpu().contiguous() for n, p in models.unet.named_parameters() if p.requires_grad}
-
-
-def load_trainable(models, path):
-    from safetensors.torch import load_file
-
-    state = load_file(path)
-    expected = trainable_state(models).keys()
-    if state.keys() != expected:
-        raise ValueError(f"{path} holds {len(state)} tensors, the model trains {len(expected)} (another model or LoRA rank?)")
-    models.unet.load_state_dict(state, strict=False)
-
-
-def checkpoints(run_dir):
-    """The whole checkpoints of a run, oldest first (epoch_NNNN.tmp folders are unfinished and never count)."""
-    return sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
-
-
-def latest_checkpoint(run_dir):
-    done = checkpoints(run_dir)
-    if not done:
-        fail(f"{run_dir} has no checkpoint")
-    return done[-1]
-
-
-def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler=None):
-    """Everything a round depends on. A write that fails (a full disk) leaves no .tmp and the last checkpoint."""
-    from safetensors.torch import save_file
-
-    folder = Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
-    try:
-        with runfiles.atomic_folder(folder) as tmp:
-            save_file(trainable_state(models), tmp / "trainable.safetensors")
-            torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
-                        "python_rng": rng.getstate(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "scaler": scaler.state_dict() if scaler else {}},  # fp16's loss scale: {} when not in use
-                       tmp / "state.pt")
-    except Exception as e:  # OSError, or safetensors' own error for the same full disk
-        raise RunError(f"cannot write checkpoint {folder} ({runfiles.why(e)})") from e
-    for old in checkpoints(run_dir)[:-1]:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=None):
-    """Restore everything a round depends on; returns the epoch the checkpoint was written after."""
-    try:
-        load_trainable(models, folder / "trainable.safetensors")
-        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")  # saved on any device
-        optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
-        tracker.buffers = state["tracker"]
-        rng.setstate(state["python_rng"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if scaler and scaler.is_enabled() and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        return state["epoch"]
-    except Exception as e:  # a truncated file can fail in safetensors, pickle or the optimizer; all mean one thing
-        fail(f"checkpoint {folder} is damaged ({runfiles.why(e)})")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Training: sample → reward → advantages → estimator, every epoch
 # ----------------------------------------------------------------------------------------------------------
 
@@ -842,12 +846,18 @@ def train(args):
     params = [p for p in models.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     scaler = loss_scaler(args)
+    if args.kl_coef > 0 and args.lora_rank == 0:  # π_pre for DPOK's KL: the UNet as loaded, frozen (LoRA: adapter off)
+        models.reference = copy.deepcopy(models.unet).requires_grad_(False)
+    value = None  # DPOK's V_φ and its own optimizer
+    if args.advantage == "value":
+        net = ValueFunction(models.unet.config.in_channels, models.text_encoder.config.hidden_size).to(args.device)
+        value = (net, torch.optim.AdamW(net.parameters(), lr=args.value_lr))
     tracker = PerPromptStatTracker(args.buffer_size, args.min_count, args.samples_per_prompt)
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     start = 0
     if args.resume:
-        start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator, scaler)
+        start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator, scaler, value)
         if start >= args.epochs:
             fail(f"{run_dir} has trained {start} epochs already; resume with --epochs above {start}")
     print(describe(args, len(prompt_set)))
@@ -888,20 +898,25 @@ def train(args):
                 traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
                 t1 = time.time()
                 r, _ = compute_rewards(reward_fn, args.reward, images, prompts)
-                advantages, per_prompt_fraction = compute_advantages(tracker, prompts, r, args)
+                if value:  # DPOK: the baseline V_φ as it was before this round, then V_φ fitted to the round
+                    advantages, extra = value_advantages(value[0], traj, r, args)
+                    fit_value(*value, traj, r, args)
+                else:
+                    advantages, fraction = compute_advantages(tracker, prompts, r, args)
+                    extra = {"adv/per_prompt_fraction": fraction}
                 t2 = time.time()
                 logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
                 t3 = time.time()
                 log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
                      "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
-                     "adv/per_prompt_fraction": per_prompt_fraction, **{f"losses/{k}": v for k, v in logs.items()},
+                     **extra, **{f"losses/{k}": v for k, v in logs.items()},
                      "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
                 epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
                 if epochs.disable:  # no terminal (a log file, a batch job): one line per epoch instead of the bars
                     print(f"epoch {epoch}/{args.epochs}: reward {r.mean().item():.4g}, eval "
                           f"{history[-1]['eval/reward_mean']:.4g} ({time.time() - t0:.1f} s)", flush=True)
                 if epoch % args.save_every == 0 or epoch == args.epochs or ctrl_c.requested:
-                    save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler)
+                    save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler, value)
                 if ctrl_c.requested and epoch < args.epochs:
                     sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}")
     except (RunError, OSError) as e:  # a full disk while writing metrics or grids is an OSError
@@ -914,61 +929,12 @@ def train(args):
     return history
 
 
-def base_and_tuned(run, args):
-    """("base", models), then ("tuned", models). With LoRA they are one model, its adapter switched off for the
-    base (exactly the base model, tested): one UNet in memory and one load. A fully fine-tuned UNet is loaded
-    after the base one is released."""
-    if run.lora_rank > 0:
-        models = load_models(args.eval, args.device, mixed_precision=args.mixed_precision)  # base + adapter
-        models.unet.disable_adapters()
-        yield "base", models
-        models.unet.enable_adapters()
-        yield "tuned", models
-    else:
-        yield "base", load_models(run.model, args.device, mixed_precision=args.mixed_precision)
-        yield "tuned", load_models(args.eval, args.device, mixed_precision=args.mixed_precision)
-
-
-def evaluate_run(args):
-    """The paper's Fig. 3 and its generalisation figure in one command: base | fine-tuned, same seeds."""
-    runfiles.quiet_libraries()
-    run = load_run_args(args.eval)
-    run.device, run.mixed_precision = args.device, args.mixed_precision  # parse_args: the run's, unless given
-    reward_fn = load_reward(run)
-    names = {"train": run.prompts, "heldout": args.eval_prompts or rewards_lib.HELDOUT_PROMPTS[run.reward]}
-    prompt_sets = {name: load_prompts(spec) for name, spec in names.items()}
-    out = Path(args.eval) / "eval"
-    out.mkdir(exist_ok=True)
-    results = {}
-    for which, models in base_and_tuned(run, args):
-        for name, prompt_set in prompt_sets.items():
-            prompts = random.Random(args.seed).choices(prompt_set, k=16)
-            if problem := check_scheduler(models.scheduler, run.num_steps):
-                fail(f"cannot use model {run.model}: its {problem}")
-            _, images = sample(models, prompts, run, torch.Generator().manual_seed(args.seed), run.sample_batch_size, f"{which} {name}")
-            r, _ = compute_rewards(reward_fn, run.reward, images, prompts)
-            results.setdefault(name, {"prompts": prompts})[which] = (images, r)
-        del models  # one UNet in memory at a time
-    summary = {}
-    for name, res in results.items():
-        (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]
-        images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
-        captions = [f"{w} {v:.3g}" for b, t in zip(base_r.tolist(), tuned_r.tolist()) for w, v in (("base", b), ("tuned", t))]
-        runfiles.save_grid(images, captions, out / f"{name}.png")
-        summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
-                         "tuned_reward_mean": tuned_r.mean().item()}
-        print(f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}")
-    runfiles.write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
-    print(f"grids and eval.json in {out}")
-    return summary
-
-
 def main(argv=None):
     """The command line; also callable as ddpo.main([...]) from Python."""
     try:
         args = parse_args(argv)
         try:
-            return evaluate_run(args) if args.eval else train(args)
+            return runfiles.evaluate_run(args) if args.eval else train(args)
         except KeyboardInterrupt:
             run = Path(args.out_dir) / args.run_name
             kept = checkpoints(run)

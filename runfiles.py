@@ -1,20 +1,28 @@
-"""A run's plumbing, kept out of ddpo.py's reading order: atomic files and folders, the sample grids, the
-reward curve, the check that the run folder can be written before any model is loaded, Ctrl-C, and the one
-line that says why a model folder or hub id could not be loaded.
+"""A run's plumbing, kept out of ddpo.py's reading order: atomic files and folders, checkpoint folders, prompt
+files, the sample grids, the reward curve, `--eval`'s side-by-side grids, the check that the run folder can be
+written before any model is loaded, Ctrl-C, and the one line that says why a model could not be loaded.
 
 Every file here is written under a temporary name, flushed (fsync) and renamed, so a process that is killed or
 runs out of disk leaves the previous version in place, never a half-written one.
 """
 import contextlib
+import json
 import math
 import os
+import random
 import shutil
 import signal
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
+
+
+def fail(message):
+    """Stop with one clear line on stderr and a non-zero exit."""
+    raise SystemExit(f"error: {message}")
 
 
 def fsync(path):
@@ -83,6 +91,98 @@ def check_writable(folder):
     os.unlink(probe)
 
 
+class RunError(Exception):
+    """A failure that ends a run: a reward that raises or returns NaN, non-finite numbers, a disk that is full.
+    train() adds which epoch it was and where the last good checkpoint is."""
+
+
+def read_prompt_file(path):
+    """One prompt a line (blank lines skipped); a missing, unreadable, binary or empty file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"prompt file {path} cannot be read as UTF-8 text ({why(e)})")
+    if "\0" in text:
+        fail(f"prompt file {path} is not a text file (it holds NUL bytes)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        fail(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def checkpoints(run_dir):
+    """The whole checkpoints of a run, oldest first (epoch_NNNN.tmp folders are unfinished and never count)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
+
+
+def latest_checkpoint(run_dir):
+    done = checkpoints(run_dir)
+    if not done:
+        fail(f"{run_dir} has no checkpoint")
+    return done[-1]
+
+
+# Checkpoints: written to a temp folder and renamed (atomic_folder), so a checkpoint on disk is whole.
+# ddpo.train() passes everything a round depends on; a resumed run continues exactly as an unbroken one.
+
+def trainable_state(models):
+    """The weights that training changes: the whole UNet, or only its LoRA adapter."""
+    return {n: p.detach().cpu().contiguous() for n, p in models.unet.named_parameters() if p.requires_grad}
+
+
+def load_trainable(models, path):
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    expected = trainable_state(models).keys()
+    if state.keys() != expected:
+        raise ValueError(f"{path} holds {len(state)} tensors, the model trains {len(expected)} (another model or LoRA rank?)")
+    models.unet.load_state_dict(state, strict=False)
+
+
+def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler=None, value=None):
+    """Everything a round depends on. A write that fails (a full disk) leaves no .tmp and the last checkpoint."""
+    from safetensors.torch import save_file
+
+    folder = Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
+    try:
+        with atomic_folder(folder) as tmp:
+            save_file(trainable_state(models), tmp / "trainable.safetensors")
+            torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
+                        "python_rng": rng.getstate(), "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "scaler": scaler.state_dict() if scaler else {},  # fp16's loss scale: {} when not in use
+                        **({"value": value[0].state_dict(), "value_optimizer": value[1].state_dict()} if value else {})},
+                       tmp / "state.pt")
+    except Exception as e:  # OSError, or safetensors' own error for the same full disk
+        raise RunError(f"cannot write checkpoint {folder} ({why(e)})") from e
+    for old in checkpoints(run_dir)[:-1]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=None, value=None):
+    """Restore everything a round depends on; returns the epoch the checkpoint was written after."""
+    try:
+        load_trainable(models, folder / "trainable.safetensors")
+        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")  # saved on any device
+        optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
+        tracker.buffers = state["tracker"]
+        rng.setstate(state["python_rng"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if scaler and scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if value:  # DPOK's V_φ and its optimizer
+            value[0].load_state_dict(state["value"])
+            value[1].load_state_dict(state["value_optimizer"])
+        return state["epoch"]
+    except Exception as e:  # a truncated file can fail in safetensors, pickle or the optimizer; all mean one thing
+        fail(f"checkpoint {folder} is damaged ({why(e)})")
+
+
 def save_grid(images, captions, path, columns=4, cell=128):
     """Images (B, 3, H, W) in [0, 1] as a captioned grid PNG (nearest-neighbour upscaling keeps pixels visible)."""
     from PIL import Image, ImageDraw
@@ -104,8 +204,6 @@ def save_grid(images, captions, path, columns=4, cell=128):
 def before_after(run_dir, path, label):
     """The run's first and last sample grids side by side, captioned with their mean eval reward: the README's
     pictures. python -c "import runfiles; runfiles.before_after('runs/NAME', 'docs/x.png', 'DDPO_IS')"."""
-    import json
-
     from PIL import Image, ImageDraw
 
     run_dir = Path(run_dir)
@@ -145,6 +243,60 @@ def plot_reward_curve(history, path):
     with atomic_file(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+def base_and_tuned(run, args):
+    """("base", models), then ("tuned", models). With LoRA they are one model, its adapter switched off for the
+    base (exactly the base model, tested): one UNet in memory and one load. A fully fine-tuned UNet is loaded
+    after the base one is released."""
+    import ddpo
+
+    if run.lora_rank > 0:
+        models = ddpo.load_models(args.eval, args.device, mixed_precision=args.mixed_precision)  # base + adapter
+        models.unet.disable_adapters()
+        yield "base", models
+        models.unet.enable_adapters()
+        yield "tuned", models
+    else:
+        yield "base", ddpo.load_models(run.model, args.device, mixed_precision=args.mixed_precision)
+        yield "tuned", ddpo.load_models(args.eval, args.device, mixed_precision=args.mixed_precision)
+
+
+def evaluate_run(args):
+    """--eval: the paper's Fig. 3 and its generalisation figure in one command: base | fine-tuned, same seeds."""
+    import ddpo  # ddpo.py registers itself under this name when it runs as a script
+    import rewards
+
+    quiet_libraries()
+    run = ddpo.load_run_args(args.eval)
+    run.device, run.mixed_precision = args.device, args.mixed_precision  # parse_args: the run's, unless given
+    reward_fn = ddpo.load_reward(run)
+    names = {"train": run.prompts, "heldout": args.eval_prompts or rewards.HELDOUT_PROMPTS[run.reward]}
+    prompt_sets = {name: ddpo.load_prompts(spec) for name, spec in names.items()}
+    out = Path(args.eval) / "eval"
+    out.mkdir(exist_ok=True)
+    results = {}
+    for which, models in base_and_tuned(run, args):
+        for name, prompt_set in prompt_sets.items():
+            prompts = random.Random(args.seed).choices(prompt_set, k=16)
+            if problem := ddpo.check_scheduler(models.scheduler, run.num_steps):
+                fail(f"cannot use model {run.model}: its {problem}")
+            _, images = ddpo.sample(models, prompts, run, torch.Generator().manual_seed(args.seed), run.sample_batch_size, f"{which} {name}")
+            r, _ = ddpo.compute_rewards(reward_fn, run.reward, images, prompts)
+            results.setdefault(name, {"prompts": prompts})[which] = (images, r)
+        del models  # one UNet in memory at a time
+    summary = {}
+    for name, res in results.items():
+        (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]
+        images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
+        captions = [f"{w} {v:.3g}" for b, t in zip(base_r.tolist(), tuned_r.tolist()) for w, v in (("base", b), ("tuned", t))]
+        save_grid(images, captions, out / f"{name}.png")
+        summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
+                         "tuned_reward_mean": tuned_r.mean().item()}
+        print(f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}")
+    write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+    print(f"grids and eval.json in {out}")
+    return summary
 
 
 def first_line(error):

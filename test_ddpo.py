@@ -165,7 +165,7 @@ def test_rescoring_unchanged_weights_gives_ratio_one(random_models):
         for j in range(4):
             for rows in (torch.arange(4), torch.tensor([2]), torch.tensor([3, 0])):  # any minibatch layout
                 steps = torch.full((len(rows),), j)
-                log_prob = ddpo.rescore(random_models, traj, rows, steps, uncond, args)
+                log_prob = ddpo.rescore(random_models, traj, rows, steps, uncond, args)[0]
                 ratio = torch.exp(log_prob - traj.log_probs[rows, j])
                 assert (ratio - 1).abs().max().item() < 1e-6
                 _, approx_kl, clipfrac = ddpo.ddpo_is_loss(log_prob, traj.log_probs[rows, j], advantages[rows], 1e-4)
@@ -368,7 +368,7 @@ def test_one_is_step_moves_log_prob_with_the_advantage(random_model_dir, advanta
                             torch.Generator().manual_seed(0), uncond)
     assert logs["approx_kl"] < 1e-12 and logs["clipfrac"] == 0  # one minibatch: data from the current θ
     with torch.no_grad():
-        after = torch.stack([ddpo.rescore(models, traj, torch.tensor([0]), torch.tensor([j]), uncond, args)
+        after = torch.stack([ddpo.rescore(models, traj, torch.tensor([0]), torch.tensor([j]), uncond, args)[0]
                              for j in range(4)]).sum()
     assert direction * (after - traj.log_probs.sum()).item() > 1e-3  # measured: ±0.01
 
@@ -479,6 +479,124 @@ def test_non_finite_weights_after_a_step_stop_the_round(random_model_dir):
 
 
 # --------------------------------------------------------------------------------------------------------
+# DPOK (Fan et al. 2023): the KL to the pretrained model and the learned value baseline
+# --------------------------------------------------------------------------------------------------------
+
+def test_gaussian_kl_equals_torch_kl_divergence_and_a_hand_computed_number():
+    g = torch.Generator().manual_seed(0)
+    mean, mean_pre = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    sigma_t = torch.tensor([0.3, 1.0, 2.5]).view(3, 1, 1, 1)  # one σ_t per sample, as at mixed timesteps
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mean, sigma_t),
+                                                 torch.distributions.Normal(mean_pre, sigma_t)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ddpo.gaussian_kl(mean, mean_pre, sigma_t), expected)
+    # by hand: means 1 and 0 in one of two dimensions, σ = 0.5: (1² / (2 · 0.25) + 0) / 2 = 1
+    assert ddpo.gaussian_kl(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.tensor(0.5)).item() == pytest.approx(1.0)
+
+
+def test_kl_gradient_pulls_the_mean_toward_the_pretrained_one():
+    """∇_μ KL = (μ − μ_pre) / (σ² D): a gradient step on the penalty moves μ_θ towards μ_pre, never μ_pre."""
+    mean, mean_pre = torch.tensor([[2.0, -1.0]], requires_grad=True), torch.tensor([[0.5, 0.5]], requires_grad=True)
+    ddpo.gaussian_kl(mean, mean_pre, torch.tensor(0.5)).sum().backward()
+    torch.testing.assert_close(mean.grad, torch.tensor([[1.5, -1.5]]) / (0.25 * 2))
+    assert mean_pre.grad is None or not mean_pre.grad.any()  # the pretrained model is a fixed target
+
+
+def kl_round(models, kl_coef, lr):
+    """One DDPO_SF round with zero advantages: the KL penalty is the whole loss. Returns the mean KL before, after."""
+    args = small_args("--algo", "sf", "--kl-coef", str(kl_coef), "--max-grad-norm", "1e9")  # a plain SGD step
+    traj = ddpo.rollout(models, ["cat", "dog"], args, torch.Generator().manual_seed(4))
+    uncond = ddpo.encode_prompts(models, [""])
+
+    def kl():
+        with torch.no_grad():
+            return torch.cat([ddpo.rescore(models, traj, torch.arange(2), torch.full((2,), j), uncond, args)[1]
+                              for j in range(4)]).mean().item()
+    before = kl()
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    ddpo.train_round(models, torch.optim.SGD(params, lr=lr), traj, torch.zeros(2), torch.zeros(2), args,
+                     torch.Generator().manual_seed(0), uncond)
+    return before, kl()
+
+
+def test_kl_is_zero_at_the_pretrained_model_and_its_gradient_pulls_back_towards_it(random_model_dir):
+    """Full fine-tuning: π_pre is a frozen copy of the UNet as loaded. At θ = θ_pre the KL and its gradient are 0;
+    after the weights move, the penalty's own gradient steps bring the KL down (zero advantages: nothing else acts)."""
+    models = ddpo.load_models(str(random_model_dir), "cpu")
+    models.reference = ddpo.copy.deepcopy(models.unet).requires_grad_(False)
+    args = small_args("--kl-coef", "1")
+    traj = ddpo.rollout(models, ["cat", "dog"], args, torch.Generator().manual_seed(4))
+    log_prob, kl = ddpo.rescore(models, traj, torch.arange(2), torch.tensor([1, 3]), ddpo.encode_prompts(models, [""]), args)
+    kl.sum().backward()
+    assert kl.tolist() == [0.0, 0.0] and all(not p.grad.any() for p in models.unet.parameters() if p.grad is not None)
+    with torch.no_grad():
+        for p in models.unet.parameters():
+            p.add_(0.002 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    before, after = kl_round(models, kl_coef=1.0, lr=1e-3)
+    assert before > 1e-3 and after < 0.9 * before  # measured: 0.160 → 0.135
+
+
+def test_kl_is_off_at_zero_and_logged_when_on(random_models):
+    args = small_args()
+    traj = ddpo.rollout(random_models, ["cat"], args, torch.Generator().manual_seed(0))
+    assert ddpo.rescore(random_models, traj, torch.arange(1), torch.tensor([0]), ddpo.encode_prompts(random_models, [""]), args)[1] is None
+
+
+def test_value_baseline_lowers_the_gradient_variance_and_keeps_its_mean():
+    """A toy one-step problem with a known gradient: state s (a 1x4x4 'image'), action a ~ N(μ + 0, σ²), reward
+    r = 10·mean(s) + a, so ∂E[r]/∂μ = 1 and the state explains most of r's variance. V_φ, fitted by fit_value on
+    1024 trajectories, is the baseline of the REINFORCE estimate (r − V_φ(s)) ∂log π/∂μ on 20,000 new ones:
+    the same mean (1, within 4 standard errors) and a much smaller variance than with no baseline."""
+    torch.manual_seed(0)
+    sigma, mu = 0.5, 0.0
+
+    def trajectories(n, g):
+        s = torch.randn(n, 1, 4, 4, generator=g)
+        a = mu + sigma * torch.randn(n, generator=g)
+        states = torch.stack([s, a.view(n, 1, 1, 1).expand(n, 1, 4, 4)], 1)  # (n, T+1, C, H, W) with T = 1
+        traj = ddpo.Trajectories(["c"] * n, torch.zeros(n, 2, 8), states, torch.tensor([500]), torch.zeros(n, 1))
+        return traj, 10 * s.mean(dim=(1, 2, 3)) + a, (a - mu) / sigma**2  # trajectories, r, ∂log π/∂μ
+
+    args = ddpo.parse_args(["--advantage", "value", "--value-steps", "300", "--value-lr", "1e-2"])
+    value = ddpo.ValueFunction(channels=1, cond_dim=8, width=32)
+    traj, r, _ = trajectories(1024, torch.Generator().manual_seed(1))
+    ddpo.fit_value(value, torch.optim.AdamW(value.parameters(), lr=args.value_lr), traj, r, args)
+    traj, r, score = trajectories(20_000, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        baseline = ddpo.value_at(value, traj, 0)
+    plain, with_value = r * score, (r - baseline) * score
+    for g in (plain, with_value):
+        assert g.mean().item() == pytest.approx(1.0, abs=4 * g.std().item() / math.sqrt(len(g)))
+    assert with_value.var() < 0.2 * plain.var()  # measured: 2.47 against 26.9 (means 1.002 and 0.999)
+
+
+def test_value_advantages_use_the_value_function_from_before_the_round(tmp_path, monkeypatch):
+    """A sample's baseline must not contain its own reward: each round's advantages come from V_φ as fitted on the
+    earlier rounds only (so in round 1 from the unfitted V_φ), and V_φ is fitted to the round afterwards."""
+    fits, seen = [], []
+    real_advantages, real_fit = ddpo.value_advantages, ddpo.fit_value
+    monkeypatch.setattr(ddpo, "value_advantages", lambda *a: seen.append(len(fits)) or real_advantages(*a))
+    monkeypatch.setattr(ddpo, "fit_value", lambda *a: fits.append(1) or real_fit(*a))
+    ddpo.main(["--epochs", "3", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+               "--advantage", "value", "--out-dir", str(tmp_path), "--run-name", "v"])
+    assert seen == [0, 1, 2] and len(fits) == 3
+    row = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert math.isfinite(row["value/loss"]) and row["value/explained_variance"] <= 1
+
+
+def test_value_advantages_are_per_step_and_normalised(random_models):
+    args = small_args("--advantage", "value", "--adv-clip", "100")
+    traj = ddpo.rollout(random_models, ["cat", "dog", "cow"], args, torch.Generator().manual_seed(0))
+    value = ddpo.ValueFunction(3, random_models.text_encoder.config.hidden_size)
+    r = torch.tensor([1.0, 2.0, 4.0])
+    advantages, logs = ddpo.value_advantages(value, traj, r, args)
+    with torch.no_grad():
+        v = torch.stack([value(traj.states[:, j], traj.timesteps[j].expand(3), traj.cond) for j in range(4)], 1)
+    delta = r[:, None] - v  # (B, T): each step has its own baseline V(s_t)
+    torch.testing.assert_close(advantages, (delta - delta.mean()) / delta.std(unbiased=False), rtol=1e-4, atol=1e-4)
+    assert logs["value/loss"] == pytest.approx(delta.pow(2).mean().item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Rewards and prompts
 # --------------------------------------------------------------------------------------------------------
 
@@ -575,6 +693,7 @@ def run_cli(*argv):
     ("is", ["--guidance-scale", "3", "--eta", "0.8", "--max-grad-norm", "0.5", "--adv-clip", "2"]),
     ("rwr", ["--rwr-beta", "2"]),
     ("rwr-sparse", ["--rwr-threshold", "-5", "--buffer-size", "4", "--min-count", "2"]),
+    ("sf", ["--advantage", "value", "--kl-coef", "0.5", "--value-steps", "2", "--value-lr", "1e-2"]),  # DPOK
 ])
 def test_cli_one_epoch_each_algorithm(tmp_path, algo, extra):
     ddpo.main(["--algo", algo, "--epochs", "1", "--num-steps", "3", "--samples-per-epoch", "4", "--sample-batch-size", "2",
@@ -586,6 +705,7 @@ def test_cli_one_epoch_each_algorithm(tmp_path, algo, extra):
     assert row["epoch"] == 1 and math.isfinite(row["losses/loss"])
     assert row["reward/min"] <= row["reward/mean"] <= row["reward/max"] < 0  # jpeg: r = −kB
     assert (algo == "is") == ("losses/clipfrac" in row)
+    assert ("--kl-coef" in extra) == ("losses/kl" in row) and ("value" in extra) == ("value/loss" in row)
     assert Image.open(run / "grid_001.png").size == (512, 2 * 142) and (run / "reward_curve.png").is_file()
     tuned, base = ddpo.load_models(str(run), "cpu"), ddpo.load_models("tiny", "cpu")  # a run folder is a model
     changed = [not torch.equal(p, q) for p, q in zip(tuned.unet.parameters(), base.unet.parameters())]
@@ -656,7 +776,8 @@ def test_empty_prompt_file_is_an_error(tmp_path, main_error):
 FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume eval
 eval-prompts device samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
 adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
-rwr-beta rwr-threshold clip-model aesthetic-head vlm bertscore-model pickscore-model pickscore-processor""".split()
+rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
+pickscore-processor""".split()
 
 
 def test_help_lists_the_documented_flags_with_their_defaults_and_symbols():
@@ -682,6 +803,13 @@ def test_help_lists_the_documented_flags_with_their_defaults_and_symbols():
     (["--rwr-threshold=-inf"], "--rwr-threshold -inf is out of range (must be finite)"),
     (["--epochs", "0"], "--epochs 0 is out of range (must be > 0)"),  # a run with no epoch has no checkpoint
     (["--rwr-weights", "logits"], "argument --rwr-weights: invalid choice: 'logits'"),
+    (["--kl-coef=-0.1"], "--kl-coef -0.1 is out of range (must be ≥ 0)"),
+    (["--value-lr", "nan"], "--value-lr nan is out of range (must be finite)"),
+    (["--value-steps", "0"], "--value-steps 0 is out of range (must be > 0)"),
+    (["--algo", "rwr", "--advantage", "value"], "--advantage value and --kl-coef act on the per-step policy: they need "
+                                                "--algo sf or is, not rwr"),
+    (["--algo", "rwr-sparse", "--kl-coef", "0.1"], "--advantage value and --kl-coef act on the per-step policy: they "
+                                                   "need --algo sf or is, not rwr-sparse"),
 ])
 def test_out_of_range_and_non_finite_flags_are_refused_by_name(argv, message):
     with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):

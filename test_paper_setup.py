@@ -92,6 +92,28 @@ def test_lora_adapter_off_gives_the_base_model_exactly(sd_dir):
         assert torch.equal(lora.unet(x, t, cond).sample, expected)
 
 
+def test_dpok_kl_under_lora_is_to_the_base_model_loaded_on_its_own(sd_dir):
+    """π_pre with LoRA is the same UNet with its adapter off: its mean equals a separately loaded base model's, the
+    KL is 0 while lora_B is at its initial zero, positive once the adapter has moved, and the adapter is back on."""
+    base = ddpo.load_models(str(sd_dir), "cpu")
+    lora = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4)
+    args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "3", "--kl-coef", "0.1"])
+    base.scheduler.set_timesteps(3)
+    traj = ddpo.rollout(lora, ["cat", "dog"], args, torch.Generator().manual_seed(1))
+    uncond, rows, steps = ddpo.encode_prompts(lora, [""]), torch.arange(2), torch.tensor([0, 2])
+    state = (traj.states[rows, steps], traj.timesteps[steps], traj.cond, uncond.expand(2, -1, -1), args.guidance_scale, args.eta)
+    with torch.no_grad():
+        assert ddpo.rescore(lora, traj, rows, steps, uncond, args)[1].tolist() == [0.0, 0.0]
+        for p in (p for n, p in lora.unet.named_parameters() if "lora_B" in n):
+            p.normal_(std=0.1)
+        torch.testing.assert_close(ddpo.pretrained_mean(lora, *state), ddpo.policy(base, *state)[0])
+        mean, sigma_t = ddpo.policy(lora, *state)  # the adapter is on again
+        expected = ddpo.gaussian_kl(mean, ddpo.policy(base, *state)[0], sigma_t)
+        kl = ddpo.rescore(lora, traj, rows, steps, uncond, args)[1]
+    assert (kl > 0).all()
+    torch.testing.assert_close(kl, expected)
+
+
 def test_lora_weights_are_fp32_over_a_bf16_base(sd_dir):
     models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="bf16")
     dtypes = {n: p.dtype for n, p in models.unet.named_parameters()}
@@ -110,7 +132,7 @@ def test_ratio_is_one_at_the_first_minibatch_under_mixed_precision(sd_dir, preci
     with torch.no_grad():
         for j in range(3):
             for rows in (torch.arange(4), torch.tensor([1, 3]), torch.tensor([2])):
-                log_prob = ddpo.rescore(models, traj, rows, torch.full((len(rows),), j), uncond, args)
+                log_prob = ddpo.rescore(models, traj, rows, torch.full((len(rows),), j), uncond, args)[0]
                 assert (torch.exp(log_prob - traj.log_probs[rows, j]) - 1).abs().max().item() < 1e-6
 
 
@@ -173,7 +195,7 @@ def test_an_overflowed_fp16_step_is_skipped_and_anywhere_else_stops_the_run(sd_d
 # Checkpoints, resume, failures that lose nothing
 # --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("setup", ["tiny", "sd-fp16", "sd-lora"])
+@pytest.mark.parametrize("setup", ["tiny", "sd-fp16", "sd-lora", "tiny-dpok"])
 def test_resume_gives_the_same_metrics_as_training_straight(tmp_path, sd_dir, setup):
     """Also under fp16, where the loss scale (lowered after the first step overflows) is part of the state, and
     with per-prompt advantages that use the reward buffers of epoch 1 in epoch 2 (two prompts, min count 2)."""
@@ -186,18 +208,24 @@ def test_resume_gives_the_same_metrics_as_training_straight(tmp_path, sd_dir, se
         common += ["--model", str(sd_dir), "--mixed-precision", "fp16", "--lora-rank", "0", "--lr", "1e-3"]
     if setup == "sd-lora":
         common += ["--model", str(sd_dir), "--lora-rank", "4", "--lr", "1e-2"]
+    epochs = 2
+    if setup == "tiny-dpok":  # V_φ, its optimizer and the KL's frozen copy of the pretrained UNet carry over; the
+        epochs = 3  # optimizer's state shows only in epoch 3's baseline (epoch 2 logs V_φ before fitting it again)
+        common += ["--advantage", "value", "--kl-coef", "1", "--lr", "1e-3", "--value-lr", "1e-2", "--epochs", "3"]
     ddpo.main([*common, "--run-name", "straight"])
     ddpo.main([*common, "--run-name", "halves", "--epochs", "1"])
     assert [p.name for p in (tmp_path / "halves" / "checkpoints").iterdir()] == ["epoch_0001"]
-    ddpo.main(["--resume", str(tmp_path / "halves"), "--epochs", "2"])
+    ddpo.main(["--resume", str(tmp_path / "halves"), "--epochs", str(epochs)])
     straight, halves = metrics(tmp_path / "straight"), metrics(tmp_path / "halves")
-    assert [r["epoch"] for r in halves] == [0, 1, 2]
+    assert [r["epoch"] for r in halves] == list(range(epochs + 1))
     assert without_times(straight) == without_times(halves)
-    assert [p.name for p in (tmp_path / "halves" / "checkpoints").iterdir()] == ["epoch_0002"]  # older ones go
+    assert [p.name for p in (tmp_path / "halves" / "checkpoints").iterdir()] == [f"epoch_{epochs:04d}"]  # older ones go
     if setup == "sd-fp16":
         assert straight[1]["losses/skipped"] > 0  # the scale did change in epoch 1
     if setup == "tiny":  # epoch 2 normalised samples by their prompt's buffer, which holds epoch 1's rewards
         assert straight[2]["adv/per_prompt_fraction"] > 0
+    if setup == "tiny-dpok":
+        assert straight[2]["losses/kl"] > 0 and "value/loss" in straight[2]
 
 
 def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, monkeypatch):
