@@ -120,6 +120,8 @@ class Args:
     bertscore_model: str = arg(*rewards_lib.MODEL_OPTIONS["bertscore_model"])
     pickscore_model: str = arg(*rewards_lib.MODEL_OPTIONS["pickscore_model"])
     pickscore_processor: str = arg(*rewards_lib.MODEL_OPTIONS["pickscore_processor"])
+    imagereward_model: str = arg(*rewards_lib.MODEL_OPTIONS["imagereward_model"])
+    imagereward_tokenizer: str = arg(*rewards_lib.MODEL_OPTIONS["imagereward_tokenizer"])
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-D, P = "test_ddpo.py::", "test_paper_setup.py::"
+D, P, R = "test_ddpo.py::", "test_paper_setup.py::", "test_rewards.py::"
 
 # (name, file, the right code, the wrong version, the tests that must catch it)
 MUTANTS = [
@@ -125,6 +125,13 @@ MUTANTS = [
      [P + "test_resume_gives_the_same_metrics_as_training_straight[tiny-dpok]"]),
     ("value optimizer not restored on resume", "runfiles.py", 'value[1].load_state_dict(state["value_optimizer"])', "pass",
      [P + "test_resume_gives_the_same_metrics_as_training_straight[tiny-dpok]"]),
+    ("ImageReward ViT norm1 and norm2 swapped", "rewards.py", '(".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2.")',
+     '(".norm1.", ".layer_norm2."), (".norm2.", ".layer_norm1.")', [R + "test_imagereward_loads_the_published_format_and_equals_blip_written_out"]),
+    ("ImageReward ViT with 32-wide heads", "rewards.py", "num_attention_heads=width // 64", "num_attention_heads=width // 32",
+     [R + "test_imagereward_loads_the_published_format_and_equals_blip_written_out"]),
+    ("ImageReward not standardised", "rewards.py", "- self.MEAN) / self.STD)", "))", [R + "test_imagereward_loads_the_published_format_and_equals_blip_written_out"]),
+    ("ImageReward scores the last token, not [CLS]", "rewards.py", "hidden.last_hidden_state[:, 0]",
+     "hidden.last_hidden_state[:, -1]", [R + "test_imagereward_loads_the_published_format_and_equals_blip_written_out"]),
     # non-finite numbers
     ("non-finite weights not checked", "ddpo.py",
      "            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():",

@@ -9,6 +9,8 @@ REWARDS maps the --reward name to a function, or to a class whose models are loa
 make_reward() before any sampling. DEFAULT_PROMPTS maps it to the prompt set the paper used for that task.
 """
 import io
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -154,6 +156,96 @@ class PickScore(ClipSimilarity):
         super().__init__(device, pickscore_model, pickscore_processor, "--pickscore-model / --pickscore-processor")
 
 
+class ImageReward:
+    """ImageReward (Xu et al. 2023), DPOK's reward: a BLIP ViT image encoder, a BERT text encoder that
+    cross-attends to the image tokens, and an MLP on the text's [CLS] state, standardised with the published
+    mean and std. Written on transformers' BLIP modules (BlipVisionModel, BlipTextModel), because the
+    `image-reward` package pins timm 0.6.13 and needs fairscale; it loads the published checkpoint as it is:
+    ImageReward.pt (the original module names, mapped below) and med_config.json, from a hub repo or a folder.
+    """
+    OPTIONS = ("imagereward_model", "imagereward_tokenizer")
+    MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the published standardisation of the MLP's output
+    VISION_PREFIXES = [("cls_token", "embeddings.class_embedding"), ("pos_embed", "embeddings.position_embedding"),
+                       ("patch_embed.proj.", "embeddings.patch_embedding."), ("blocks.", "encoder.layers."),
+                       ("norm.", "post_layernorm.")]  # the original BLIP ViT's (timm) names → BlipVisionModel's
+    VISION_INFIXES = [(".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."), (".attn.qkv.", ".self_attn.qkv."),
+                      (".attn.proj.", ".self_attn.projection.")]
+
+    def __init__(self, device, imagereward_model, imagereward_tokenizer):
+        from transformers import AutoTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+        from transformers import BlipImageProcessorPil as BlipImageProcessor  # PIL's bicubic, as the original
+
+        self.device = device
+        try:
+            state = torch.load(self.file(imagereward_model, "ImageReward.pt"), map_location="cpu", weights_only=True)
+            med = json.loads(Path(self.file(imagereward_model, "med_config.json")).read_text())
+        except RewardLoadError:
+            raise
+        except Exception as e:
+            raise RewardLoadError(f"cannot read ImageReward.pt / med_config.json from {imagereward_model!r} "
+                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        vision = {self.vision_name(k.removeprefix("blip.visual_encoder.")): v for k, v in state.items()
+                  if k.startswith("blip.visual_encoder.")}
+        text = {k.removeprefix("blip.text_encoder."): v for k, v in state.items()
+                if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")}
+        head = {k.removeprefix("mlp.layers."): v for k, v in state.items() if k.startswith("mlp.layers.")}
+        width, patch = vision["embeddings.patch_embedding.weight"].shape[0], vision["embeddings.patch_embedding.weight"].shape[-1]
+        grid = round(math.sqrt(vision["embeddings.position_embedding"].shape[1] - 1))
+        self.vision = BlipVisionModel(BlipVisionConfig(
+            hidden_size=width, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=len({k.split(".")[2] for k in vision if k.startswith("encoder.layers.")}),
+            num_attention_heads=width // 64, image_size=grid * patch, patch_size=patch, layer_norm_eps=1e-6))  # ViT-B/L: 64 per head
+        self.text = BlipTextModel(BlipTextConfig(
+            vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=width,
+            intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
+            num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
+            layer_norm_eps=med["layer_norm_eps"], hidden_act=med["hidden_act"], pad_token_id=med["pad_token_id"],
+            bos_token_id=None, sep_token_id=None, is_decoder=True), add_pooling_layer=False)  # is_decoder: cross-attention layers
+        self.head = aesthetic_mlp()  # the same 768→1024→128→64→16→1 stack as LAION's
+        self.head[0] = torch.nn.Linear(med["hidden_size"], 1024)
+        for module, weights in ((self.vision, vision), (self.text, text), (self.head, head)):
+            try:
+                module.load_state_dict(weights)
+            except RuntimeError as e:
+                raise RewardLoadError(f"{imagereward_model!r} is not an ImageReward checkpoint ({str(e).splitlines()[0]})") from None
+            module.to(device, dtype_for(device)).eval()
+        self.processor = BlipImageProcessor(size={"height": grid * patch, "width": grid * patch})  # bicubic, CLIP's mean/std
+        self.tokenizer = from_pretrained(AutoTokenizer, imagereward_tokenizer, "--imagereward-tokenizer")
+
+    @classmethod
+    def vision_name(cls, name):
+        for old, new in cls.VISION_PREFIXES:
+            name = new + name[len(old):] if name.startswith(old) else name
+        for old, new in cls.VISION_INFIXES:
+            name = name.replace(old, new)
+        return name
+
+    @staticmethod
+    def file(spec, name):
+        if (Path(spec) / name).is_file():
+            return Path(spec) / name
+        try:
+            from huggingface_hub import hf_hub_download
+            return hf_hub_download(spec, name)
+        except Exception as e:
+            raise RewardLoadError(f"cannot load {name} of {spec!r} ({type(e).__name__}); without network pass a local "
+                                  f"folder holding ImageReward.pt and med_config.json with --imagereward-model") from None
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        scores = []
+        for s in batched(len(images), 32):
+            pixels = self.processor(images=to_pil(images[s]), return_tensors="pt").pixel_values
+            image_tokens = self.vision(pixel_values=pixels.to(self.device, self.vision.dtype)).last_hidden_state
+            text = self.tokenizer(prompts[s], padding="max_length", truncation=True, max_length=35,
+                                  return_tensors="pt").to(self.device)
+            hidden = self.text(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                               encoder_hidden_states=image_tokens,
+                               encoder_attention_mask=torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=self.device))
+            scores.append((self.head(hidden.last_hidden_state[:, 0].float()).squeeze(-1) - self.MEAN) / self.STD)
+        return torch.cat(scores).cpu()
+
+
 class BERTScore:
     """BERTScore recall (Zhang et al. 2020) written out: greedy cosine matching of contextual token embeddings.
 
@@ -228,6 +320,7 @@ REWARDS = {
     "alignment": Alignment,
     "clipscore": ClipSimilarity,
     "pickscore": PickScore,
+    "imagereward": ImageReward,
 }
 
 DEFAULT_PROMPTS = {  # paper §5: the prompt distribution p(c) of each task
@@ -238,6 +331,7 @@ DEFAULT_PROMPTS = {  # paper §5: the prompt distribution p(c) of each task
     "alignment": "alignment",
     "clipscore": "alignment",
     "pickscore": "simple_animals",
+    "imagereward": "simple_animals",
 }
 
 HELDOUT_PROMPTS = {  # the paper's generalisation checks: prompts the fine-tuning never saw
@@ -248,6 +342,7 @@ HELDOUT_PROMPTS = {  # the paper's generalisation checks: prompts the fine-tunin
     "alignment": "alignment_unseen_activities",
     "clipscore": "alignment_unseen_activities",
     "pickscore": "unseen_animals",
+    "imagereward": "unseen_animals",
 }
 
 MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by default, or a local folder
@@ -258,6 +353,8 @@ MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by def
     "bertscore_model": ("microsoft/deberta-xlarge-mnli", "text encoder of alignment's BERTScore"),
     "pickscore_model": ("yuvalkirstain/PickScore_v1", "PickScore CLIP model"),
     "pickscore_processor": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's processor"),
+    "imagereward_model": ("THUDM/ImageReward", "ImageReward: hub repo or folder holding ImageReward.pt and med_config.json"),
+    "imagereward_tokenizer": ("bert-base-uncased", "ImageReward's BERT tokenizer"),
 }
 
 

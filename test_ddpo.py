@@ -777,7 +777,7 @@ FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-n
 eval-prompts device samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
 adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
 rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
-pickscore-processor""".split()
+pickscore-processor imagereward-model imagereward-tokenizer""".split()
 
 
 def test_help_lists_the_documented_flags_with_their_defaults_and_symbols():

@@ -4,12 +4,15 @@ save_pretrained to a temp folder and loaded back through the same from_pretraine
     python -m pytest -q
 """
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (BertConfig, BertModel, BertTokenizerFast, CLIPConfig, CLIPImageProcessor, CLIPModel,
                           CLIPProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
@@ -219,3 +222,139 @@ def test_cli_alignment_logs_the_vlm_answers_next_to_the_grid(tiny, tmp_path):
     cells = json.loads((tmp_path / "align" / "grid_001.json").read_text())
     assert len(cells) == 8 and all(set(c) == {"prompt", "reward", "answer"} for c in cells)
     assert all(" " in c["prompt"] and 0 < c["reward"] <= 1 for c in cells)  # alignment prompts; a recall
+
+
+# --------------------------------------------------------------------------------------------------------
+# ImageReward (DPOK's reward): the published checkpoint format, checked against BLIP's forward written out
+# --------------------------------------------------------------------------------------------------------
+
+VIT = dict(width=128, depth=2, patch=8, image=32, heads=2)  # heads = width // 64, as in ViT-B/L
+MED = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=40,
+           layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0, architectures=["BertModel"], model_type="bert")
+
+
+def original_imagereward_state(vocab_size, seed=0):
+    """A random state dict under the names the published ImageReward.pt uses (BLIP's timm ViT, BLIP's med BERT,
+    the MLP), written out here from the original module layout, not from rewards.py's name mapping."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: 0.2 * torch.randn(*shape, generator=g)  # noqa: E731
+    D, H, T = VIT["width"], MED["hidden_size"], MED["intermediate_size"]
+    n = (VIT["image"] // VIT["patch"]) ** 2
+    v = "blip.visual_encoder."
+    state = {v + "cls_token": r(1, 1, D), v + "pos_embed": r(1, n + 1, D),
+             v + "patch_embed.proj.weight": r(D, 3, VIT["patch"], VIT["patch"]), v + "patch_embed.proj.bias": r(D),
+             v + "norm.weight": 1 + r(D), v + "norm.bias": r(D)}
+    for i in range(VIT["depth"]):
+        b = f"{v}blocks.{i}."
+        state.update({b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D), b + "attn.qkv.weight": r(3 * D, D),
+                      b + "attn.qkv.bias": r(3 * D), b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
+                      b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D), b + "mlp.fc1.weight": r(4 * D, D),
+                      b + "mlp.fc1.bias": r(4 * D), b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D)})
+    t = "blip.text_encoder."
+    state.update({t + "embeddings.word_embeddings.weight": r(vocab_size, H),
+                  t + "embeddings.position_embeddings.weight": r(MED["max_position_embeddings"], H),
+                  t + "embeddings.LayerNorm.weight": 1 + r(H), t + "embeddings.LayerNorm.bias": r(H),
+                  t + "embeddings.position_ids": torch.arange(MED["max_position_embeddings"])[None]})
+    for i in range(MED["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        for att, kv_width in (("attention", H), ("crossattention", D)):
+            state.update({b + f"{att}.self.query.weight": r(H, H), b + f"{att}.self.query.bias": r(H),
+                          b + f"{att}.self.key.weight": r(H, kv_width), b + f"{att}.self.key.bias": r(H),
+                          b + f"{att}.self.value.weight": r(H, kv_width), b + f"{att}.self.value.bias": r(H),
+                          b + f"{att}.output.dense.weight": r(H, H), b + f"{att}.output.dense.bias": r(H),
+                          b + f"{att}.output.LayerNorm.weight": 1 + r(H), b + f"{att}.output.LayerNorm.bias": r(H)})
+        state.update({b + "intermediate.dense.weight": r(T, H), b + "intermediate.dense.bias": r(T),
+                      b + "output.dense.weight": r(H, T), b + "output.dense.bias": r(H),
+                      b + "output.LayerNorm.weight": 1 + r(H), b + "output.LayerNorm.bias": r(H)})
+    state.update({"blip.vision_proj.weight": r(256, D), "blip.vision_proj.bias": r(256),  # in the file, unused by the score
+                  "blip.text_proj.weight": r(256, H), "blip.text_proj.bias": r(256)})
+    for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((H, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        state.update({f"mlp.layers.{i}.weight": 5 * r(n_out, n_in) / math.sqrt(n_in), f"mlp.layers.{i}.bias": r(n_out)})
+    return state
+
+
+def blip_imagereward_by_hand(state, pixels, input_ids, attention_mask):
+    """ImageReward.score written out with torch.nn.functional: BLIP's ViT (timm Block: pre-norm, fused qkv), the
+    med BERT with cross-attention to every image token, the MLP on [CLS], then (r − mean) / std."""
+    def attention(x, kv, p, heads, mask=None):
+        B, N, W = x.shape
+        split = lambda y: y.view(B, -1, heads, W // heads).transpose(1, 2)  # noqa: E731
+        q, k, v = (split(F.linear(y, state[p + n + ".weight"], state[p + n + ".bias"])) for y, n in
+                   ((x, "query"), (kv, "key"), (kv, "value")))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, N, W)
+
+    ln = lambda x, p, eps: F.layer_norm(x, x.shape[-1:], state[p + ".weight"], state[p + ".bias"], eps)  # noqa: E731
+    lin = lambda x, p: F.linear(x, state[p + ".weight"], state[p + ".bias"])  # noqa: E731
+    v, D, heads = "blip.visual_encoder.", VIT["width"], VIT["heads"]
+    x = F.conv2d(pixels, state[v + "patch_embed.proj.weight"], state[v + "patch_embed.proj.bias"], stride=VIT["patch"])
+    x = torch.cat([state[v + "cls_token"].expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1) + state[v + "pos_embed"]
+    for i in range(VIT["depth"]):
+        b = f"{v}blocks.{i}."
+        B, N, _ = x.shape
+        qkv = lin(ln(x, b + "norm1", 1e-6), b + "attn.qkv").view(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        x = x + lin(F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(B, N, D), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+    image = ln(x, v + "norm", 1e-6)
+    t, eps = "blip.text_encoder.", MED["layer_norm_eps"]
+    h = state[t + "embeddings.word_embeddings.weight"][input_ids] + state[t + "embeddings.position_embeddings.weight"][:input_ids.shape[1]]
+    h = ln(h, t + "embeddings.LayerNorm", eps)
+    pad = (attention_mask[:, None, None, :] == 0) * torch.finfo(h.dtype).min  # padding tokens are not attended to
+    for i in range(MED["num_hidden_layers"]):
+        b = f"{t}encoder.layer.{i}."
+        h = ln(h + lin(attention(h, h, b + "attention.self.", MED["num_attention_heads"], pad), b + "attention.output.dense"),
+               b + "attention.output.LayerNorm", eps)
+        h = ln(h + lin(attention(h, image, b + "crossattention.self.", MED["num_attention_heads"]), b + "crossattention.output.dense"),
+               b + "crossattention.output.LayerNorm", eps)
+        h = ln(h + lin(F.gelu(lin(h, b + "intermediate.dense")), b + "output.dense"), b + "output.LayerNorm", eps)
+    r = h[:, 0]
+    for i in (0, 2, 4, 6, 7):  # Linear layers with dropout (inactive) between them, no activations
+        r = lin(r, f"mlp.layers.{i}")
+    return (r.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+
+
+@pytest.fixture(scope="module")
+def imagereward_dir(tiny):
+    folder = tiny / "imagereward"
+    folder.mkdir(exist_ok=True)
+    vocab_size = len(BertTokenizerFast.from_pretrained(tiny / "bert"))
+    torch.save(original_imagereward_state(vocab_size), folder / "ImageReward.pt")
+    (folder / "med_config.json").write_text(json.dumps({**MED, "vocab_size": vocab_size, "encoder_width": 768,
+                                                        "add_cross_attention": True}))
+    return folder
+
+
+def test_imagereward_loads_the_published_format_and_equals_blip_written_out(tiny, imagereward_dir):
+    reward = rewards.make_reward("imagereward", "cpu", imagereward_model=str(imagereward_dir),
+                                 imagereward_tokenizer=str(tiny / "bert"))
+    imgs, prompts = images(3), ["a cat sitting on grass", "a dog riding a bike", "cow"]
+    # the preprocessing by hand: PIL bicubic resize to the ViT's input size, CLIP's mean and std
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    pixels = torch.stack([torch.tensor(np.asarray(im.resize((32, 32), Image.BICUBIC)), dtype=torch.float32).permute(2, 0, 1) / 255
+                          for im in rewards.to_pil(imgs)])
+    pixels = (pixels - mean[:, None, None]) / std[:, None, None]
+    tok = BertTokenizerFast.from_pretrained(tiny / "bert")(prompts, padding="max_length", max_length=35, return_tensors="pt")
+    vocab_size = len(BertTokenizerFast.from_pretrained(tiny / "bert"))
+    expected = blip_imagereward_by_hand(original_imagereward_state(vocab_size), pixels, tok.input_ids, tok.attention_mask)
+    got = reward(imgs, prompts)
+    assert got.shape == (3,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert got.std() > 1e-3  # the images and prompts differ, and so do their scores
+    torch.testing.assert_close(reward(imgs[:1], prompts[:1]), got[:1], rtol=1e-5, atol=1e-5)  # batching changes nothing
+
+
+def test_imagereward_bad_folder_is_one_line_naming_the_flag(tmp_path):
+    (tmp_path / "ImageReward.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "med_config.json").write_text("{}")
+    with pytest.raises(rewards.RewardLoadError, match=r"cannot read ImageReward.pt / med_config.json from"):
+        rewards.make_reward("imagereward", "cpu", imagereward_model=str(tmp_path))
+    with pytest.raises(rewards.RewardLoadError, match=r"without network pass a local folder holding ImageReward.pt"):
+        rewards.make_reward("imagereward", "cpu", imagereward_model=str(tmp_path / "missing"))
+
+
+def test_cli_trains_on_imagereward_with_dpoks_kl_and_value_baseline(tiny, imagereward_dir, tmp_path):
+    ddpo.main(["--reward", "imagereward", "--imagereward-model", str(imagereward_dir), "--imagereward-tokenizer",
+               str(tiny / "bert"), "--kl-coef", "0.1", "--advantage", "value", "--epochs", "1", "--num-steps", "2",
+               "--samples-per-epoch", "4", "--sample-batch-size", "4", "--out-dir", str(tmp_path), "--run-name", "ir"])
+    row = [json.loads(line) for line in (tmp_path / "ir" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["epoch"] == 1 and all(math.isfinite(row[k]) for k in ("reward/mean", "losses/kl", "value/loss"))
+    assert json.loads((tmp_path / "ir" / "args.json").read_text())["prompts"] == "simple_animals"  # DPOK's own sets are not here
