@@ -51,7 +51,8 @@ def arg(default, help):
 @dataclass
 class Args:
     # --- run
-    reward: str = arg("jpeg", f"reward function r(x_0, c), from rewards.py: {', '.join(rewards_lib.REWARDS)}")
+    reward: str = arg("jpeg", f"reward function r(x_0, c): from rewards.py ({', '.join(rewards_lib.REWARDS)}), or your "
+                              f"own as module:function or path/to/file.py:function (README: Your own reward)")
     algo: str = arg("is", "estimator: sf = DDPO_SF (REINFORCE), is = DDPO_IS (clipped importance sampling), "
                           "rwr = RWR exponential weights, rwr-sparse = RWR sparse weights (paper §4.2, §4.4)")
     model: str = arg("tiny", "'tiny' (built-in 32x32 pixel model), a Stable-Diffusion-style diffusers folder or hub "
@@ -73,6 +74,8 @@ class Args:
                         "prompts and --eval-prompts, write side-by-side grids and mean rewards, and exit (in the "
                         "run's --mixed-precision unless given)")
     eval_prompts: str = arg("", "held-out prompt set for --eval; default: the run's reward's generalisation set")
+    export: tuple = arg((), "RUN OUT: write RUN's fine-tuned model to the new folder OUT in diffusers' own formats (a "
+                            "LoRA file for load_lora_weights, or a whole pipeline folder) and exit")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
     # --- sampling: the policy (§3.1)
     samples_per_epoch: int = arg(16, "trajectories sampled per round (paper: 256)")
@@ -131,10 +134,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # "(default: …)" only where there is one; the help text explains the rest
-        return action.help if action.default in (None, "") else super()._get_help_string(action)
+        return action.help if action.default in (None, "", ()) else super()._get_help_string(action)
 
 
-CHOICES = {"reward": list(rewards_lib.REWARDS), "algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
+CHOICES = {"algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
            "rwr_weights": ("reward", "advantage"), "mixed_precision": ("no", "fp16", "bf16")}
 RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
 
@@ -143,8 +146,9 @@ def parse_args(argv=None) -> Args:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     for f in dataclasses.fields(Args):
         kind = {"rwr_threshold": float, "lora_rank": int}.get(f.name, f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                       choices=CHOICES.get(f.name), help=f.metadata["help"])
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind if f.name != "export" else str, default=f.default,
+                       choices=CHOICES.get(f.name), help=f.metadata["help"], nargs=2 if f.name == "export" else None,
+                       metavar=("RUN", "OUT") if f.name == "export" else None)
     args = Args(**vars(p.parse_args(argv)))
     unset = object()  # argparse fills in no default where the namespace already has a value
     given = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})))
@@ -159,6 +163,15 @@ def parse_args(argv=None) -> Args:
         args = dataclasses.replace(saved, resume=args.resume, out_dir=str(Path(args.resume).parent),
                                    run_name=Path(args.resume).name, eval="",
                                    **{k: getattr(args, k) for k in typed & set(RESUME_MAY_CHANGE)})
+    return complete(args, typed, p.error)
+
+
+def complete(args, typed=frozenset(), error=fail):
+    """Every setting checked, with one line naming a bad one, and the derived ones filled in (default prompts, LoRA
+    rank, run name). parse_args calls it, and train() for an Args made in Python. typed: the flags typed."""
+    args, flag = dataclasses.replace(args), lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.reward not in rewards_lib.REWARDS and ":" not in args.reward:
+        error(f"unknown reward {args.reward!r}: one of {', '.join(rewards_lib.REWARDS)}, or module:function")
     positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
                 "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every",
                 "value_steps")
@@ -173,26 +186,27 @@ def parse_args(argv=None) -> Args:
                    if getattr(args, name) is not None and not math.isfinite(getattr(args, name))})
     for name, (ok, allowed) in checks.items():
         if not ok:
-            p.error(f"{flag(name)} {getattr(args, name)} is out of range (must be {allowed})")
+            error(f"{flag(name)} {getattr(args, name)} is out of range (must be {allowed})")
     minibatches = round_plan(args, args.num_steps)[0]
     for name, n in (("--sample-batch-size", args.sample_batch_size), ("--samples-per-prompt", args.samples_per_prompt),
                     ("--num-minibatches", minibatches)):
         if args.samples_per_epoch % n:
-            p.error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
+            error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
     if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
-        p.error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
-    args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS[args.reward]
+        error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
+    args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS.get(args.reward, "simple_animals")
     if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full UNet
         rank = load_run_args(args.model).lora_rank
         if "lora_rank" in typed and args.lora_rank != rank:
-            p.error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
+            error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
                     f"cannot change that")
         args.lora_rank = rank
     elif args.lora_rank is None:
         args.lora_rank = 0 if args.model == "tiny" else 4
     if args.eval and "mixed_precision" not in typed:  # --eval samples in the run's own precision
         args.mixed_precision = load_run_args(args.eval).mixed_precision
-    args.run_name = args.run_name or f"{args.reward}__{args.algo}__{args.seed}__{int(time.time())}"
+    reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in args.reward)  # module:fn, path/file.py:fn
+    args.run_name = args.run_name or f"{reward}__{args.algo}__{args.seed}__{int(time.time())}"
     return args
 
 
@@ -325,8 +339,8 @@ def load_run_args(run_dir):
         args = Args(**{k: v for k, v in saved.items() if k in known})
     except (ValueError, TypeError, AttributeError) as e:
         fail(f"{path} is damaged ({runfiles.why(e)})")
-    for name, allowed in CHOICES.items():
-        if getattr(args, name) not in allowed:
+    for name, allowed in {**CHOICES, "reward": list(rewards_lib.REWARDS)}.items():
+        if getattr(args, name) not in allowed and not (name == "reward" and ":" in args.reward):  # module:fn is imported
             fail(f"{run_dir} was made with --{name.replace('_', '-')} {getattr(args, name)!r}, which this ddpo.py "
                  f"does not know (known: {', '.join(allowed)})")
     return args
@@ -832,7 +846,13 @@ def describe(args, n_prompts):
     ])
 
 
-def train(args):
+def train(args, reward_fn=None):
+    """A whole run; returns the metrics, one dict per epoch. args: from parse_args, or an Args made in Python (checked
+    and completed here). reward_fn: your own reward(images, prompts) instead of --reward's; its module:name is recorded."""
+    if reward_fn is not None:
+        name = getattr(reward_fn, "__qualname__", type(reward_fn).__qualname__)
+        args = dataclasses.replace(args, reward=f"{reward_fn.__module__}:{name}")
+    args = complete(args)
     runfiles.quiet_libraries()
     run_dir = Path(args.out_dir) / args.run_name
     prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
@@ -840,7 +860,7 @@ def train(args):
         runfiles.check_writable(run_dir)
     except OSError as e:
         fail(f"cannot write the run folder {run_dir} ({runfiles.why(e)})")
-    reward_fn = load_reward(args)
+    reward_fn = reward_fn or load_reward(args)
     torch.manual_seed(args.seed)  # before the models: a LoRA adapter's initial weights are drawn while loading
     models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
     if problem := check_scheduler(models.scheduler, args.num_steps):
@@ -936,6 +956,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         try:
+            if args.export:
+                return runfiles.export(*args.export)
             return runfiles.evaluate_run(args) if args.eval else train(args)
         except KeyboardInterrupt:
             run = Path(args.out_dir) / args.run_name

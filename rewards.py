@@ -358,12 +358,45 @@ MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by def
 }
 
 
+def import_reward(spec):
+    """Your own reward: "module:name" (a module on the path or in the current folder) or "path/to/file.py:name"."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    where, _, attr = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if module_spec is None or not Path(where).is_file():
+                raise FileNotFoundError(f"no file {where}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # `python ddpo.py` puts only its own folder on the path
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(where)
+        reward = getattr(module, attr)
+    except Exception as e:  # ImportError, a SyntaxError in the file, AttributeError, …
+        raise RewardLoadError(f"cannot import it ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not callable(reward):
+        raise RewardLoadError(f"{attr} in {where} is a {type(reward).__name__}, not a function or class")
+    return reward
+
+
 def make_reward(name, device, **options):
-    """The callable for --reward name; a learned reward loads its models here, before any sampling."""
-    if name not in REWARDS:
+    """The callable for --reward name; a learned reward loads its models here, before any sampling. A name with a
+    colon is your own reward, imported: a function reward(images, prompts), or a class built as Class(device) (or with
+    the MODEL_OPTIONS named in its OPTIONS) whose instances are called so."""
+    if ":" in name:
+        reward = import_reward(name)
+    elif name in REWARDS:
+        reward = REWARDS[name]
+    else:
         raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-    reward = REWARDS[name]
     if isinstance(reward, type):
-        defaults = {k: MODEL_OPTIONS[k][0] for k in reward.OPTIONS}
-        return reward(device, **{**defaults, **{k: v for k, v in options.items() if k in reward.OPTIONS}})
+        wanted = getattr(reward, "OPTIONS", ())
+        defaults = {k: MODEL_OPTIONS[k][0] for k in wanted if k in MODEL_OPTIONS}
+        return reward(device, **{**defaults, **{k: v for k, v in options.items() if k in wanted}})
     return reward

@@ -1,6 +1,7 @@
 """A run's plumbing, kept out of ddpo.py's reading order: atomic files and folders, checkpoint folders, prompt
-files, the sample grids, the reward curve, `--eval`'s side-by-side grids, the check that the run folder can be
-written before any model is loaded, Ctrl-C, and the one line that says why a model could not be loaded.
+files, the sample grids, the reward curve, `--eval`'s side-by-side grids, `--export` to diffusers' formats, the
+check that the run folder can be written before any model is loaded, Ctrl-C, and the one line that says why a
+model could not be loaded.
 
 Every file here is written under a temporary name, flushed (fsync) and renamed, so a process that is killed or
 runs out of disk leaves the previous version in place, never a half-written one.
@@ -271,7 +272,7 @@ def evaluate_run(args):
     run = ddpo.load_run_args(args.eval)
     run.device, run.mixed_precision = args.device, args.mixed_precision  # parse_args: the run's, unless given
     reward_fn = ddpo.load_reward(run)
-    names = {"train": run.prompts, "heldout": args.eval_prompts or rewards.HELDOUT_PROMPTS[run.reward]}
+    names = {"train": run.prompts, "heldout": args.eval_prompts or rewards.HELDOUT_PROMPTS.get(run.reward, "unseen_animals")}
     prompt_sets = {name: ddpo.load_prompts(spec) for name, spec in names.items()}
     out = Path(args.eval) / "eval"
     out.mkdir(exist_ok=True)
@@ -297,6 +298,38 @@ def evaluate_run(args):
     write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
     print(f"grids and eval.json in {out}")
     return summary
+
+
+def export(run_dir, out):
+    """--export RUN OUT: the fine-tuned model in diffusers' own formats, written by diffusers itself. LoRA: its adapter as
+    pytorch_lora_weights.safetensors with peft's metadata (StableDiffusionPipeline.save_lora_weights), which
+    pipe.load_lora_weights(OUT) loads. Full fine-tuning: a pipeline folder with the tuned UNet (save_pretrained)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    import ddpo  # ddpo.py registers itself under this name when it runs as a script
+
+    run = ddpo.load_run_args(run_dir)
+    if Path(out).exists():
+        fail(f"{out} exists; --export writes a new folder")
+    models = ddpo.load_models(run_dir, "cpu")  # the base model with the run's last checkpoint, fp32
+    with atomic_folder(out) as tmp:
+        if run.lora_rank > 0:
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))  # diffusers' key names
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers,
+                                                      unet_lora_adapter_metadata=models.unet.peft_config["default"].to_dict())
+        elif models.vae is not None:  # a Stable-Diffusion-style model: its own pipeline class
+            StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                    unet=models.unet, scheduler=models.scheduler, safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp)
+        else:  # a pixel-space model (the tiny one): the same layout and model_index.json as the base folder
+            for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+                getattr(models, name).save_pretrained(tmp / name)
+            index = DiffusionPipeline.load_config(str(ddpo.TINY_MODEL if run.model == "tiny" else run.model))
+            write_text(tmp / "model_index.json", json.dumps(dict(index), indent=2) + "\n")
+    print(f"wrote {out} ({'LoRA adapter' if run.lora_rank else 'pipeline folder'}, from {latest_checkpoint(run_dir)})")
+    return Path(out)
 
 
 def first_line(error):

@@ -897,3 +897,73 @@ def test_compare_runs_every_estimator_on_the_same_samples_and_draws_the_figure(t
     assert set(summary) == {"DDPO_SF", "RWR"} and summary["DDPO_SF"]["samples_seen"] == [4]
     assert summary["DDPO_SF"]["eval_first"] == summary["RWR"]["eval_first"]  # same seed: the same model and samples
     assert summary["DDPO_SF"]["train_reward_mean"] == summary["RWR"]["train_reward_mean"]  # epoch 1's samples, before any update
+
+
+# --------------------------------------------------------------------------------------------------------
+# Your own reward, by import path or as a callable, and ddpo as a library
+# --------------------------------------------------------------------------------------------------------
+
+BRIGHTNESS = '''import torch
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+def wrong_shape(images, prompts):
+    return torch.zeros(len(images), 2)
+
+class Darkness:
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, images, prompts):
+        return -images.mean(dim=(1, 2, 3))
+'''
+
+TINY_RUN = ["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4"]
+
+
+def test_a_reward_by_import_path_trains_resumes_and_evaluates(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(BRIGHTNESS)
+    monkeypatch.chdir(tmp_path)  # a module in the current folder, as a user's would be
+    ddpo.main(["--reward", "my_rewards:brightness", *TINY_RUN, "--out-dir", str(tmp_path), "--run-name", "b"])
+    ddpo.main(["--resume", str(tmp_path / "b"), "--epochs", "2"])
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and 0 < rows[-1]["reward/mean"] < 1  # mean pixel value
+    summary = ddpo.main(["--eval", str(tmp_path / "b")])
+    assert 0 < summary["train"]["base_reward_mean"] < 1
+    ddpo.main(["--reward", f"{tmp_path / 'my_rewards.py'}:Darkness", *TINY_RUN, "--out-dir", str(tmp_path), "--run-name", "d"])
+    assert -1 < json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[-1])["reward/mean"] < 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module:f", "error: reward 'no_such_module:f': cannot import it (ModuleNotFoundError: No module named 'no_such_module')"),
+    ("my_rewards:nothing", "error: reward 'my_rewards:nothing': cannot import it (AttributeError: module 'my_rewards' has no attribute 'nothing')"),
+    ("missing.py:f", "error: reward 'missing.py:f': cannot import it (FileNotFoundError: no file missing.py)"),
+    ("beauty", "error: unknown reward 'beauty': one of jpeg, compressibility, incompressibility, aesthetic"),
+])
+def test_a_reward_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch, main_error, spec, message):
+    (tmp_path / "my_rewards.py").write_text(BRIGHTNESS)
+    monkeypatch.chdir(tmp_path)
+    assert main_error("--reward", spec, *TINY_RUN, "--out-dir", str(tmp_path / "runs")).startswith(message)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_reward_of_the_wrong_shape_is_one_line(tmp_path, monkeypatch, main_error):
+    (tmp_path / "my_rewards.py").write_text(BRIGHTNESS)
+    monkeypatch.chdir(tmp_path)
+    line = main_error("--reward", "my_rewards:wrong_shape", *TINY_RUN, "--out-dir", str(tmp_path / "runs"))
+    assert line == "error: reward 'my_rewards:wrong_shape' returned shape (8, 2), expected (8,) in epoch 0; no checkpoint was written yet"
+
+
+def test_train_takes_args_made_in_python_and_a_reward_callable(tmp_path):
+    def redness(images, prompts):
+        return images[:, 0].mean(dim=(1, 2))
+
+    history = ddpo.train(ddpo.Args(epochs=1, num_steps=2, samples_per_epoch=4, sample_batch_size=4, out_dir=str(tmp_path),
+                                   run_name="lib"), reward_fn=redness)
+    assert [h["epoch"] for h in history] == [0, 1] and 0 < history[-1]["reward/mean"] < 1
+    saved = json.loads((tmp_path / "lib" / "args.json").read_text())
+    assert saved["reward"] == f"{__name__}:test_train_takes_args_made_in_python_and_a_reward_callable.<locals>.redness"
+    assert saved["prompts"] == "simple_animals" and saved["lora_rank"] == 0  # completed as parse_args would
+    with pytest.raises(SystemExit, match="error: --eta 2.0 is out of range"):
+        ddpo.train(ddpo.Args(eta=2.0, out_dir=str(tmp_path)), reward_fn=redness)

@@ -450,3 +450,53 @@ def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path, 
     _, images = ddpo.sample(base, prompts, run, torch.Generator().manual_seed(0), 4)
     r, _ = ddpo.compute_rewards(ddpo.load_reward(run), run.reward, images, prompts)
     assert saved["train"]["base_reward_mean"] == r.mean().item()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fine-tuned model leaves the project: diffusers' own formats, loaded by diffusers' own pipelines
+# --------------------------------------------------------------------------------------------------------
+
+def unet_outputs(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([700, 30]), encoder_hidden_states=cond).sample
+
+
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+def test_export_loads_in_diffusers_pipelines_with_the_runs_unet(sd_dir, tmp_path, lora_rank):
+    """LoRA: StableDiffusionPipeline.from_pretrained(base) + load_lora_weights(OUT); full fine-tuning:
+    DiffusionPipeline.from_pretrained(OUT). Either way the UNet computes what this project's does (--model RUN)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    ddpo.main(train_argv(sd_dir, tmp_path, "run", "--lora-rank", lora_rank, "--lr", "1e-2"))
+    ddpo.main(["--export", str(tmp_path / "run"), str(tmp_path / "out")])
+    ours = unet_outputs(ddpo.load_models(str(tmp_path / "run"), "cpu").unet)
+    base = unet_outputs(ddpo.load_models(str(sd_dir), "cpu").unet)
+    assert (ours - base).abs().max() > 1e-4  # the run did change the UNet
+    if lora_rank == "4":
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "out" / "pytorch_lora_weights.safetensors", "pt") as f:  # as diffusers' scripts write it
+            keys, metadata = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+        assert keys and all(k.startswith("unet.") and k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys)
+        assert metadata["unet.r"] == metadata["unet.lora_alpha"] == 4
+        pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+        pipe.load_lora_weights(tmp_path / "out")
+    else:
+        pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+        assert type(pipe).__name__ == "StableDiffusionPipeline"
+        assert ddpo.load_models(str(tmp_path / "out"), "cpu").vae is not None  # and --model OUT loads it too
+    torch.testing.assert_close(unet_outputs(pipe.unet), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_the_tiny_model_is_a_model_folder_and_refuses_an_existing_out(tmp_path, main_error):
+    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4", "--lr", "1e-3",
+               "--out-dir", str(tmp_path), "--run-name", "run"])
+    ddpo.main(["--export", str(tmp_path / "run"), str(tmp_path / "out")])
+    exported, run = (ddpo.load_models(str(tmp_path / n), "cpu") for n in ("out", "run"))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = ddpo.encode_prompts(run, ["a cat"])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.unet(x, 5, cond).sample, run.unet(x, 5, cond).sample)
+    assert main_error("--export", str(tmp_path / "run"), str(tmp_path / "out")) == f"error: {tmp_path / 'out'} exists; --export writes a new folder"
