@@ -154,6 +154,8 @@ def parse_args(argv=None) -> Args:
     given = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})))
     typed = {name for name, value in given.items() if value is not unset}  # typed, even if equal to the default
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.export and typed - {"export"}:
+        p.error(f"--export takes no other flags (given: {', '.join(map(flag, sorted(typed - {'export'})))})")
     if args.resume:  # the run's own settings; a typed flag that would change one of the others is refused
         saved = load_run_args(args.resume)
         refused = sorted(k for k in typed - {"resume", *RESUME_MAY_CHANGE} if getattr(args, k) != getattr(saved, k))
@@ -172,6 +174,9 @@ def complete(args, typed=frozenset(), error=fail):
     args, flag = dataclasses.replace(args), lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if args.reward not in rewards_lib.REWARDS and ":" not in args.reward:
         error(f"unknown reward {args.reward!r}: one of {', '.join(rewards_lib.REWARDS)}, or module:function")
+    for name, allowed in CHOICES.items():  # argparse checks these on the command line; an Args made in Python too
+        if getattr(args, name) not in allowed:
+            error(f"{flag(name)} {getattr(args, name)!r} is not one of {', '.join(allowed)}")
     positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
                 "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every",
                 "value_steps")
@@ -293,8 +298,9 @@ def gaussian_log_prob(x_prev, mean, sigma_t):
 def gaussian_kl(mean, mean_pre, sigma_t):
     """KL(N(μ_θ, σ_t² I) ‖ N(μ_pre, σ_t² I)) = ‖μ_θ − μ_pre‖² / (2σ_t²), averaged over dimensions like the log-prob.
 
-    DPOK (Fan et al. 2023, §4): the per-step KL between the fine-tuned and the pretrained policy; summed over t
-    it bounds KL(p_θ(x_0|c) ‖ p_pre(x_0|c)). Both Gaussians share σ_t, so it is this closed form, no sampling.
+    DPOK (Fan et al. 2023, §4): the per-step KL between the fine-tuned and the pretrained policy; times D and summed
+    over t, in expectation over θ's own trajectories, it bounds KL(p_θ(x_0|c) ‖ p_pre(x_0|c)). Both Gaussians share
+    σ_t, so it is this closed form, no sampling. Here the states are the round's (from θ_old) and the trained steps.
     """
     kl = (mean.float() - mean_pre.detach().float()) ** 2 / (2 * sigma_t**2)
     return kl.mean(dim=tuple(range(1, mean.ndim)))  # (B,)
@@ -488,8 +494,9 @@ def policy(models, x_t, t, cond, uncond, guidance_scale, eta):
 
 @torch.no_grad()
 def pretrained_mean(models, *state):
-    """μ_pre(x_t, t, c) of π_pre, the model before fine-tuning (DPOK's KL). With LoRA it is the same UNet with its
-    adapter switched off (one UNet in memory); under full fine-tuning, the frozen copy models.reference."""
+    """μ_pre(x_t, t, c) of π_pre (DPOK's KL). With LoRA: the same UNet with its adapter switched off, i.e. the base
+    model (one UNet in memory). Under full fine-tuning: models.reference, a frozen copy of the UNet the run started
+    from (for --model RUN, RUN's weights when this run began)."""
     if models.reference is not None:
         return policy(dataclasses.replace(models, unet=models.reference), *state)[0]
     models.unet.disable_adapters()
@@ -621,6 +628,7 @@ class ValueFunction(torch.nn.Module):
         self.image = torch.nn.Sequential(conv(channels), torch.nn.SiLU(), conv(width), torch.nn.SiLU(),
                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.head = torch.nn.Sequential(torch.nn.Linear(width + cond_dim + 1, width), torch.nn.SiLU(), torch.nn.Linear(width, 1))
+        torch.nn.init.zeros_(self.head[-1].weight)  # V_φ = 0 everywhere until fitted: round 1's advantages are the batch's
         self.register_buffer("fitted", torch.tensor(False))  # the output bias starts at the first round's mean reward
 
     def forward(self, x_t, t, cond):  # (N, C, H, W), (N,) timesteps, (N, L, D) → (N,)
@@ -829,23 +837,6 @@ def sample(models, prompts, args, generator, batch_size, desc="sampling"):
 # Training: sample → reward → advantages → estimator, every epoch
 # ----------------------------------------------------------------------------------------------------------
 
-def describe(args, n_prompts):
-    """The batch arithmetic, printed at start-up."""
-    rwr = args.algo.startswith("rwr")
-    n_mb, inner, n_t = round_plan(args, args.num_steps)
-    mb = args.samples_per_epoch // n_mb
-    name = {"sf": "DDPO_SF", "is": "DDPO_IS", "rwr": "RWR", "rwr-sparse": "RWR (sparse)"}[args.algo]
-    return "\n".join([
-        f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
-        f"sampling: {args.samples_per_epoch} samples per epoch ({args.samples_per_epoch // args.samples_per_prompt} "
-        f"prompts x {args.samples_per_prompt}) = {args.samples_per_epoch // args.sample_batch_size} "
-        f"batches of {args.sample_batch_size}, {args.num_steps} DDIM steps (η={args.eta}, w={args.guidance_scale})",
-        f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
-        f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
-        + ("samples, one DDPM-loss pass each" if rwr else f"samples x {n_t} timesteps"),
-    ])
-
-
 def train(args, reward_fn=None):
     """A whole run; returns the metrics, one dict per epoch. args: from parse_args, or an Args made in Python (checked
     and completed here). reward_fn: your own reward(images, prompts) instead of --reward's; its module:name is recorded."""
@@ -869,7 +860,7 @@ def train(args, reward_fn=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     scaler = loss_scaler(args)
     if args.kl_coef > 0 and args.lora_rank == 0:  # π_pre for DPOK's KL: the UNet as loaded, frozen (LoRA: adapter off)
-        models.reference = copy.deepcopy(models.unet).requires_grad_(False)
+        models.reference = copy.deepcopy(models.unet).requires_grad_(False).to(models.dtype)
     value = None  # DPOK's V_φ and its own optimizer
     if args.advantage == "value":
         net = ValueFunction(models.unet.config.in_channels, models.text_encoder.config.hidden_size).to(args.device)
@@ -882,7 +873,7 @@ def train(args, reward_fn=None):
         start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator, scaler, value)
         if start >= args.epochs:
             fail(f"{run_dir} has trained {start} epochs already; resume with --epochs above {start}")
-    print(describe(args, len(prompt_set)))
+    print(runfiles.describe(args, len(prompt_set), round_plan(args, args.num_steps)))
     print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
           f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
     metrics = run_dir / "metrics.jsonl"
@@ -895,9 +886,7 @@ def train(args, reward_fn=None):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
         _, images = sample(models, eval_prompts, args, torch.Generator().manual_seed(args.seed + 1), 8, "evaluating")
         r, extras = compute_rewards(reward_fn, args.reward, images, eval_prompts)
-        runfiles.save_grid(images, [f"{v:.3g} {p}" for v, p in zip(r.tolist(), eval_prompts)], run_dir / f"grid_{epoch:03d}.png")
-        cells = [{"prompt": p, "reward": v, **{k: extras[k][i] for k in extras}} for i, (p, v) in enumerate(zip(eval_prompts, r.tolist()))]
-        runfiles.write_text(run_dir / f"grid_{epoch:03d}.json", json.dumps(cells, indent=1) + "\n")  # why each image scored so
+        runfiles.save_eval_grid(images, eval_prompts, r, extras, run_dir / f"grid_{epoch:03d}")
         return r.mean().item()
 
     def log(row):

@@ -5,7 +5,7 @@ Then, for every mutant below, the copy gets that one change, and the tests named
 exit code 1). A mutant that passes them is a hole in the suite: the check exits non-zero and names it. The
 right code must occur exactly once, so a mutant whose code has since changed is reported, not ignored.
 
-    python mutation_check.py            # all mutants, about 6 minutes on 2 CPU cores
+    python mutation_check.py            # all mutants, about 19 minutes on 2 CPU cores
     python mutation_check.py rwr ratio  # only mutants whose name contains one of these words
     python mutation_check.py --list
 
@@ -33,7 +33,8 @@ MUTANTS = [
      [D + "test_guidance_scale_combines_the_two_predictions"]),
     ("log-prob summed over dimensions", "ddpo.py", "return log_prob.mean(dim=tuple(range(1, x_prev.ndim)))",
      "return log_prob.sum(dim=tuple(range(1, x_prev.ndim)))", [D + "test_log_prob_equals_torch_normal"]),
-    ("log-prob with sigma instead of sigma^2", "ddpo.py", "/ (2 * sigma_t**2)", "/ (2 * sigma_t)",
+    ("log-prob with sigma instead of sigma^2", "ddpo.py", "-((x_prev - mean) ** 2) / (2 * sigma_t**2)",
+     "-((x_prev - mean) ** 2) / (2 * sigma_t)",
      [D + "test_log_prob_equals_torch_normal"]),
     ("eta above 1 accepted", "ddpo.py", '"eta": (0 < args.eta <= 1,', '"eta": (0 < args.eta,',
      [D + "test_out_of_range_and_non_finite_flags_are_refused_by_name"]),
@@ -116,6 +117,8 @@ MUTANTS = [
      [D + "test_value_advantages_use_the_value_function_from_before_the_round"]),
     ("value baseline of step 0 for every step", "ddpo.py", "[value_at(value, traj, j) for j in range(traj.log_probs.shape[1])]",
      "[value_at(value, traj, 0) for j in range(traj.log_probs.shape[1])]",
+     [D + "test_value_advantages_are_per_step_and_normalised"]),
+    ("value function starts at random outputs", "ddpo.py", "        torch.nn.init.zeros_(self.head[-1].weight)", "        pass",
      [D + "test_value_advantages_are_per_step_and_normalised"]),
     ("value advantages not normalised", "ddpo.py", "advantages = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)",
      "advantages = delta", [D + "test_value_advantages_are_per_step_and_normalised"]),

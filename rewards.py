@@ -179,18 +179,20 @@ class ImageReward:
         try:
             state = torch.load(self.file(imagereward_model, "ImageReward.pt"), map_location="cpu", weights_only=True)
             med = json.loads(Path(self.file(imagereward_model, "med_config.json")).read_text())
+            vision = {self.vision_name(k.removeprefix("blip.visual_encoder.")): v for k, v in state.items()
+                      if k.startswith("blip.visual_encoder.")}
+            text = {k.removeprefix("blip.text_encoder."): v for k, v in state.items()
+                    if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")}
+            head = {k.removeprefix("mlp.layers."): v for k, v in state.items() if k.startswith("mlp.layers.")}
+            width, patch = vision["embeddings.patch_embedding.weight"].shape[0], vision["embeddings.patch_embedding.weight"].shape[-1]
+            grid = round(math.sqrt(vision["embeddings.position_embedding"].shape[1] - 1))
+            med = {k: med[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                       "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")}
         except RewardLoadError:
             raise
-        except Exception as e:
+        except Exception as e:  # unreadable, not a state dict, or missing the names and settings ImageReward has
             raise RewardLoadError(f"cannot read ImageReward.pt / med_config.json from {imagereward_model!r} "
                                   f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-        vision = {self.vision_name(k.removeprefix("blip.visual_encoder.")): v for k, v in state.items()
-                  if k.startswith("blip.visual_encoder.")}
-        text = {k.removeprefix("blip.text_encoder."): v for k, v in state.items()
-                if k.startswith("blip.text_encoder.") and not k.endswith("position_ids")}
-        head = {k.removeprefix("mlp.layers."): v for k, v in state.items() if k.startswith("mlp.layers.")}
-        width, patch = vision["embeddings.patch_embedding.weight"].shape[0], vision["embeddings.patch_embedding.weight"].shape[-1]
-        grid = round(math.sqrt(vision["embeddings.position_embedding"].shape[1] - 1))
         self.vision = BlipVisionModel(BlipVisionConfig(
             hidden_size=width, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
             num_hidden_layers=len({k.split(".")[2] for k in vision if k.startswith("encoder.layers.")}),
@@ -208,7 +210,7 @@ class ImageReward:
                 module.load_state_dict(weights)
             except RuntimeError as e:
                 raise RewardLoadError(f"{imagereward_model!r} is not an ImageReward checkpoint ({str(e).splitlines()[0]})") from None
-            module.to(device, dtype_for(device)).eval()
+            module.to(device, dtype_for(device) if module is not self.head else torch.float32).eval()  # the MLP in fp32
         self.processor = BlipImageProcessor(size={"height": grid * patch, "width": grid * patch})  # bicubic, CLIP's mean/std
         self.tokenizer = from_pretrained(AutoTokenizer, imagereward_tokenizer, "--imagereward-tokenizer")
 
@@ -372,6 +374,7 @@ def import_reward(spec):
             if module_spec is None or not Path(where).is_file():
                 raise FileNotFoundError(f"no file {where}")
             module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module  # as an import would (dataclasses and pickle look it up there)
             module_spec.loader.exec_module(module)
         else:
             if os.getcwd() not in sys.path:  # `python ddpo.py` puts only its own folder on the path

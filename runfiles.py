@@ -184,6 +184,34 @@ def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=N
         fail(f"checkpoint {folder} is damaged ({why(e)})")
 
 
+def describe(args, n_prompts, plan):
+    """The batch arithmetic of ddpo.round_plan's plan (minibatches, inner epochs, timesteps), printed at start-up."""
+    rwr = args.algo.startswith("rwr")
+    n_mb, inner, n_t = plan
+    mb = args.samples_per_epoch // n_mb
+    name = {"sf": "DDPO_SF", "is": "DDPO_IS", "rwr": "RWR", "rwr-sparse": "RWR (sparse)"}[args.algo]
+    dpok = [part for part, on in ((f"KL to the pretrained model x β={args.kl_coef}", args.kl_coef > 0),
+                                  (f"value baseline V_φ (lr {args.value_lr}, {args.value_steps} steps a round)",
+                                   args.advantage == "value")) if on]
+    return "\n".join([
+        f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
+        f"sampling: {args.samples_per_epoch} samples per epoch ({args.samples_per_epoch // args.samples_per_prompt} "
+        f"prompts x {args.samples_per_prompt}) = {args.samples_per_epoch // args.sample_batch_size} "
+        f"batches of {args.sample_batch_size}, {args.num_steps} DDIM steps (η={args.eta}, w={args.guidance_scale})",
+        f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
+        f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
+        + ("samples, one DDPM-loss pass each" if rwr else f"samples x {n_t} timesteps"),
+    ] + ([f"DPOK: {', '.join(dpok)}"] if dpok else []))
+
+
+def save_eval_grid(images, prompts, rewards, extras, stem):
+    """The fixed evaluation samples: stem.png captioned with reward and prompt, and stem.json with each cell's prompt,
+    reward and the reward's extras (e.g. the VLM's answer: why each image scored so)."""
+    save_grid(images, [f"{v:.3g} {p}" for v, p in zip(rewards.tolist(), prompts)], stem.with_suffix(".png"))
+    cells = [{"prompt": p, "reward": v, **{k: extras[k][i] for k in extras}} for i, (p, v) in enumerate(zip(prompts, rewards.tolist()))]
+    write_text(stem.with_suffix(".json"), json.dumps(cells, indent=1) + "\n")
+
+
 def save_grid(images, captions, path, columns=4, cell=128):
     """Images (B, 3, H, W) in [0, 1] as a captioned grid PNG (nearest-neighbour upscaling keeps pixels visible)."""
     from PIL import Image, ImageDraw
@@ -314,6 +342,12 @@ def export(run_dir, out):
     if Path(out).exists():
         fail(f"{out} exists; --export writes a new folder")
     models = ddpo.load_models(run_dir, "cpu")  # the base model with the run's last checkpoint, fp32
+    if run.lora_rank > 0 and models.vae is None:
+        fail(f"{run_dir} trained a LoRA adapter on a pixel-space model, which no diffusers pipeline loads LoRA into; "
+             f"a run with --lora-rank 0 exports as a whole model folder")
+    base = run.model
+    while ddpo.is_run(base):  # a run that continued another run: the model folder at the start of the chain
+        base = ddpo.load_run_args(base).model
     with atomic_folder(out) as tmp:
         if run.lora_rank > 0:
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))  # diffusers' key names
@@ -326,7 +360,7 @@ def export(run_dir, out):
         else:  # a pixel-space model (the tiny one): the same layout and model_index.json as the base folder
             for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
                 getattr(models, name).save_pretrained(tmp / name)
-            index = DiffusionPipeline.load_config(str(ddpo.TINY_MODEL if run.model == "tiny" else run.model))
+            index = DiffusionPipeline.load_config(str(ddpo.TINY_MODEL if base == "tiny" else base))
             write_text(tmp / "model_index.json", json.dumps(dict(index), indent=2) + "\n")
     print(f"wrote {out} ({'LoRA adapter' if run.lora_rank else 'pipeline folder'}, from {latest_checkpoint(run_dir)})")
     return Path(out)

@@ -588,6 +588,10 @@ def test_value_advantages_are_per_step_and_normalised(random_models):
     traj = ddpo.rollout(random_models, ["cat", "dog", "cow"], args, torch.Generator().manual_seed(0))
     value = ddpo.ValueFunction(3, random_models.text_encoder.config.hidden_size)
     r = torch.tensor([1.0, 2.0, 4.0])
+    unfitted, _ = ddpo.value_advantages(value, traj, r, args)  # V_φ = 0 until fitted: the batch advantages, every step
+    batch, _ = ddpo.compute_advantages(None, ["a"] * 3, r, small_args("--advantage", "batch", "--adv-clip", "100"))
+    torch.testing.assert_close(unfitted, batch[:, None].expand(3, 4), rtol=1e-5, atol=1e-5)
+    torch.nn.init.normal_(value.head[-1].weight)  # a V_φ that varies with the state
     advantages, logs = ddpo.value_advantages(value, traj, r, args)
     with torch.no_grad():
         v = torch.stack([value(traj.states[:, j], traj.timesteps[j].expand(3), traj.cond) for j in range(4)], 1)
@@ -726,7 +730,7 @@ def test_cli_same_seed_same_results_and_lr_zero_changes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--reward", "beauty"], "argument --reward: invalid choice: 'beauty'"),
+    (["--reward", "beauty"], "unknown reward 'beauty': one of jpeg, compressibility"),
     (["--algo", "ppo"], "argument --algo: invalid choice: 'ppo'"),
     (["--prompts", "no_such_file.txt"], "prompt file or set 'no_such_file.txt' does not exist"),
     (["--eta", "0"], "--eta 0.0 is out of range"),
@@ -777,7 +781,7 @@ FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-n
 eval-prompts device samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
 adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
 rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
-pickscore-processor imagereward-model imagereward-tokenizer""".split()
+pickscore-processor imagereward-model imagereward-tokenizer export""".split()
 
 
 def test_help_lists_the_documented_flags_with_their_defaults_and_symbols():
@@ -967,3 +971,5 @@ def test_train_takes_args_made_in_python_and_a_reward_callable(tmp_path):
     assert saved["prompts"] == "simple_animals" and saved["lora_rank"] == 0  # completed as parse_args would
     with pytest.raises(SystemExit, match="error: --eta 2.0 is out of range"):
         ddpo.train(ddpo.Args(eta=2.0, out_dir=str(tmp_path)), reward_fn=redness)
+    with pytest.raises(SystemExit, match="error: --advantage 'Value' is not one of per-prompt, batch, value"):
+        ddpo.train(ddpo.Args(advantage="Value", out_dir=str(tmp_path)), reward_fn=redness)

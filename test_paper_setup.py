@@ -500,3 +500,10 @@ def test_export_of_the_tiny_model_is_a_model_folder_and_refuses_an_existing_out(
     with torch.no_grad():
         torch.testing.assert_close(exported.unet(x, 5, cond).sample, run.unet(x, 5, cond).sample)
     assert main_error("--export", str(tmp_path / "run"), str(tmp_path / "out")) == f"error: {tmp_path / 'out'} exists; --export writes a new folder"
+    assert main_error("--export", str(tmp_path / "run"), str(tmp_path / "o2"), "--device", "cpu") == (
+        "error: --export takes no other flags (given: --device) (see --help)")
+    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4", "--lora-rank", "2",
+               "--out-dir", str(tmp_path), "--run-name", "lora"])
+    assert main_error("--export", str(tmp_path / "lora"), str(tmp_path / "o3")).startswith(
+        f"error: {tmp_path / 'lora'} trained a LoRA adapter on a pixel-space model")
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
