@@ -80,7 +80,7 @@ def main(argv=None):
                for a, (seen, train, evals) in data.items()}
     (folder / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
     order = sorted(summary, key=lambda n: -np.mean(summary[n]["train_reward_mean"][-3:]))
-    print(f"last 3 epochs' training reward, best first: " +
+    print("last 3 epochs' training reward, best first: " +
           ", ".join(f"{n} {np.mean(summary[n]['train_reward_mean'][-3:]):.4g}" for n in order))
     print(f"figure: {folder / 'compare.png'}")
     return summary
