@@ -53,6 +53,12 @@ class RewardLoadError(Exception):
     pass
 
 
+def why(error):
+    """An exception in one line: "TypeName: the first line of its message" (rewards.py stands alone: no runfiles)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def from_pretrained(loader, model_id, flag, **kwargs):
     """loader.from_pretrained(model_id) with one clear message when the model cannot be had."""
     try:
@@ -192,7 +198,7 @@ class ImageReward:
             raise
         except Exception as e:  # unreadable, not a state dict, or missing the names and settings ImageReward has
             raise RewardLoadError(f"cannot read ImageReward.pt / med_config.json from {imagereward_model!r} "
-                                  f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                                  f"({why(e)})") from None
         self.vision = BlipVisionModel(BlipVisionConfig(
             hidden_size=width, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
             num_hidden_layers=len({k.split(".")[2] for k in vision if k.startswith("encoder.layers.")}),
@@ -382,7 +388,7 @@ def import_reward(spec):
             module = importlib.import_module(where)
         reward = getattr(module, attr)
     except Exception as e:  # ImportError, a SyntaxError in the file, AttributeError, …
-        raise RewardLoadError(f"cannot import it ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise RewardLoadError(f"cannot import it ({why(e)})") from None
     if not callable(reward):
         raise RewardLoadError(f"{attr} in {where} is a {type(reward).__name__}, not a function or class")
     return reward
