@@ -142,6 +142,15 @@ CHOICES = {"algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
 RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
 
 
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def known_reward(name):
+    """A reward in rewards.py, or your own to import (module:function, path/to/file.py:function)."""
+    return name in rewards_lib.REWARDS or ":" in name
+
+
 def parse_args(argv=None) -> Args:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     for f in dataclasses.fields(Args):
@@ -153,7 +162,6 @@ def parse_args(argv=None) -> Args:
     unset = object()  # argparse fills in no default where the namespace already has a value
     given = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})))
     typed = {name for name, value in given.items() if value is not unset}  # typed, even if equal to the default
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if args.export and typed - {"export"}:
         p.error(f"--export takes no other flags (given: {', '.join(map(flag, sorted(typed - {'export'})))})")
     if args.resume:  # the run's own settings; a typed flag that would change one of the others is refused
@@ -171,8 +179,8 @@ def parse_args(argv=None) -> Args:
 def complete(args, typed=frozenset(), error=fail):
     """Every setting checked, with one line naming a bad one, and the derived ones filled in (default prompts, LoRA
     rank, run name). parse_args calls it, and train() for an Args made in Python. typed: the flags typed."""
-    args, flag = dataclasses.replace(args), lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    if args.reward not in rewards_lib.REWARDS and ":" not in args.reward:
+    args = dataclasses.replace(args)
+    if not known_reward(args.reward):
         error(f"unknown reward {args.reward!r}: one of {', '.join(rewards_lib.REWARDS)}, or module:function")
     for name, allowed in CHOICES.items():  # argparse checks these on the command line; an Args made in Python too
         if getattr(args, name) not in allowed:
@@ -346,7 +354,7 @@ def load_run_args(run_dir):
     except (ValueError, TypeError, AttributeError) as e:
         fail(f"{path} is damaged ({runfiles.why(e)})")
     for name, allowed in {**CHOICES, "reward": list(rewards_lib.REWARDS)}.items():
-        if getattr(args, name) not in allowed and not (name == "reward" and ":" in args.reward):  # module:fn is imported
+        if getattr(args, name) not in allowed and not (name == "reward" and known_reward(args.reward)):
             fail(f"{run_dir} was made with --{name.replace('_', '-')} {getattr(args, name)!r}, which this ddpo.py "
                  f"does not know (known: {', '.join(allowed)})")
     return args

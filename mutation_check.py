@@ -149,7 +149,7 @@ MUTANTS = [
     ("reward import path ignores the current folder", "rewards.py", "sys.path.append(os.getcwd())", "pass",
      [D + "test_a_reward_by_import_path_trains_resumes_and_evaluates"]),
     ("a run made with an imported reward cannot resume", "ddpo.py",
-     ' and not (name == "reward" and ":" in args.reward)', "",
+     ' and not (name == "reward" and known_reward(args.reward))', "",
      [D + "test_a_reward_by_import_path_trains_resumes_and_evaluates"]),
     ("train() runs an Args made in Python unchecked", "ddpo.py", "    args = complete(args)\n", "",
      [D + "test_train_takes_args_made_in_python_and_a_reward_callable"]),
