@@ -19,10 +19,10 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 import rewards as rewards_lib
 import runfiles
-from runfiles import (RunError, checkpoints, fail, latest_checkpoint, load_checkpoint, load_trainable, read_prompt_file,
-                      save_checkpoint)
+from runfiles import (Agreed, ArgumentParser, CollectiveFailed, HelpFormatter, RunError, bars, check_scheduler,
+                      checkpoints, compute_rewards, distributed, fail, gather_objects, is_run, latest_checkpoint,
+                      load_checkpoint, load_run_args, load_trainable, read_prompt_file, save_checkpoint, together)
 
 sys.modules.setdefault("ddpo", sys.modules[__name__])  # run as a script this is __main__; runfiles' --eval imports ddpo
 
@@ -76,7 +77,10 @@ class Args:
     eval_prompts: str = arg("", "held-out prompt set for --eval; default: the run's reward's generalisation set")
     export: tuple = arg((), "RUN OUT: write RUN's fine-tuned model to the new folder OUT in diffusers' own formats (a "
                             "LoRA file for load_lora_weights, or a whole pipeline folder) and exit")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device (under torchrun, cuda means each "
+                                                                        "process's own GPU: cuda:LOCAL_RANK)")
+    collective_timeout: float = arg(600.0, "under torchrun, seconds a process waits for the others at a gather or "
+                                           "all-reduce before it stops with an error")
     # --- sampling: the policy (§3.1)
     samples_per_epoch: int = arg(16, "trajectories sampled per round (paper: 256)")
     samples_per_prompt: int = arg(4, "k: each round draws samples_per_epoch / k prompts and k trajectories of each "
@@ -127,16 +131,6 @@ class Args:
     imagereward_tokenizer: str = arg(*rewards_lib.MODEL_OPTIONS["imagereward_tokenizer"])
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage block
-        sys.exit(f"error: {message} (see --help)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: …)" only where there is one; the help text explains the rest
-        return action.help if action.default in (None, "", ()) else super()._get_help_string(action)
-
-
 CHOICES = {"algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
            "rwr_weights": ("reward", "advantage"), "mixed_precision": ("no", "fp16", "bf16")}
 RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
@@ -185,24 +179,11 @@ def complete(args, typed=frozenset(), error=fail):
     for name, allowed in CHOICES.items():  # argparse checks these on the command line; an Args made in Python too
         if getattr(args, name) not in allowed:
             error(f"{flag(name)} {getattr(args, name)!r} is not one of {', '.join(allowed)}")
-    positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
-                "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every",
-                "value_steps")
-    finite = ("eta", "guidance_scale", "adv_clip", "lr", "max_grad_norm", "timestep_fraction", "clip_range",
-              "rwr_beta", "rwr_threshold", "kl_coef", "value_lr")
-    checks = {**{name: (getattr(args, name) > 0, "> 0") for name in positive},
-              "lr": (args.lr >= 0, "≥ 0"), "rwr_beta": (args.rwr_beta >= 0, "≥ 0"), "kl_coef": (args.kl_coef >= 0, "≥ 0"),
-              "value_lr": (args.value_lr >= 0, "≥ 0"),
-              "eta": (0 < args.eta <= 1, "0 < η ≤ 1"), "timestep_fraction": (0 < args.timestep_fraction <= 1, "in (0, 1]"),
-              "lora_rank": (args.lora_rank is None or args.lora_rank >= 0, "≥ 0")}
-    checks.update({name: (False, "finite") for name in finite
-                   if getattr(args, name) is not None and not math.isfinite(getattr(args, name))})
-    for name, (ok, allowed) in checks.items():
-        if not ok:
-            error(f"{flag(name)} {getattr(args, name)} is out of range (must be {allowed})")
-    minibatches = round_plan(args, args.num_steps)[0]
+    if problem := runfiles.range_problem(args):
+        error(problem)
+    minibatches, world = round_plan(args, args.num_steps)[0], int(os.environ.get("WORLD_SIZE", 1))
     for name, n in (("--sample-batch-size", args.sample_batch_size), ("--samples-per-prompt", args.samples_per_prompt),
-                    ("--num-minibatches", minibatches)):
+                    ("--num-minibatches", minibatches), ("the number of processes (torchrun)", world)):
         if args.samples_per_epoch % n:
             error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
     if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
@@ -266,30 +247,6 @@ def ddim_step(scheduler, model_output, x_t, t, eta):
     return mean, sigma_t
 
 
-def check_scheduler(scheduler, num_steps):
-    """Why ddim_step cannot serve this scheduler as a policy with a density equal to DDIMScheduler.step, or None:
-    σ_t = 0 at the last step, thresholding (dynamic x̂_0 clipping for pixel-space models: not implemented
-    here), or a timestep spacing whose next timestep is not the one DDIMScheduler.step steps to (t − 1000 // T)."""
-    config = scheduler.config
-    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
-        return f"prediction_type {config.prediction_type!r} is not one of epsilon, v_prediction, sample"
-    if config.set_alpha_to_one:
-        return ("set_alpha_to_one=True makes the last DDIM step deterministic (σ_t = 0, no density); set it to false "
-                "in scheduler/scheduler_config.json, as Stable Diffusion does")
-    if config.thresholding:
-        return "thresholding=True is not supported (set it to false in scheduler/scheduler_config.json)"
-    try:
-        scheduler.set_timesteps(num_steps)
-    except ValueError as e:  # e.g. more steps than the model's training timesteps
-        return f"scheduler refuses {num_steps} steps ({runfiles.first_line(e)})"
-    t = scheduler.timesteps
-    if not torch.equal(prev_timestep(scheduler, t[:-1]), t[1:]) or prev_timestep(scheduler, t[-1]) >= 0:
-        return (f"timestep_spacing={config.timestep_spacing!r} with {num_steps} steps gives timesteps that "
-                f"DDIMScheduler.step does not step between; use 'leading' or 'trailing' with a T that divides "
-                f"{config.num_train_timesteps}")
-    return None
-
-
 def gaussian_log_prob(x_prev, mean, sigma_t):
     """log N(x_{t-1}; μ, σ_t² I), averaged (not summed) over dimensions, in fp32.
 
@@ -335,29 +292,6 @@ class Models:
 
     def autocast(self):
         return torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32)
-
-
-def is_run(path):
-    return (Path(path) / "args.json").is_file()
-
-
-def load_run_args(run_dir):
-    """A run's saved settings (args.json); names this ddpo.py does not know (a reward, an algorithm) are refused,
-    and settings it no longer has are ignored."""
-    path = Path(run_dir) / "args.json"
-    if not path.is_file():
-        fail(f"{run_dir} is not a run folder (no args.json)")
-    try:
-        saved = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(Args)}
-        args = Args(**{k: v for k, v in saved.items() if k in known})
-    except (ValueError, TypeError, AttributeError) as e:
-        fail(f"{path} is damaged ({runfiles.why(e)})")
-    for name, allowed in {**CHOICES, "reward": list(rewards_lib.REWARDS)}.items():
-        if getattr(args, name) not in allowed and not (name == "reward" and known_reward(args.reward)):
-            fail(f"{run_dir} was made with --{name.replace('_', '-')} {getattr(args, name)!r}, which this ddpo.py "
-                 f"does not know (known: {', '.join(allowed)})")
-    return args
 
 
 def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
@@ -421,7 +355,13 @@ def decode(models, x0):
     return (x0.float() / 2 + 0.5).clamp(0, 1)
 
 
-def ddpm_loss(models, x0, cond, generator):
+def ddpm_noise(scheduler, shape, generator):
+    """The DDPM loss's draws for shape[0] samples: timesteps t ~ U{0, …, 999} and noise ε ~ N(0, I) of `shape`."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+    return t, torch.randn(shape, generator=generator)
+
+
+def ddpm_loss(models, x0, cond, t, noise):
     """DDPM loss (paper eq. 1, ε-form): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², one value per sample (B,).
 
     For a v-prediction model (the tiny one) the target is v = √ᾱ_t ε − √(1−ᾱ_t) x_0, for an x_0-prediction
@@ -429,8 +369,7 @@ def ddpm_loss(models, x0, cond, generator):
     the tiny model's pretraining.
     """
     sched = models.scheduler
-    t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)  # from ddpm_noise
     x_t = sched.add_noise(x0, noise, t)
     kind = sched.config.prediction_type
     target = noise if kind == "epsilon" else x0 if kind == "sample" else sched.get_velocity(x0, noise, t)
@@ -514,20 +453,30 @@ def pretrained_mean(models, *state):
         models.unet.enable_adapters()
 
 
+def noise_generators(seed, indices, epoch=0, stream=0):
+    """One torch.Generator per trajectory, seeded from (seed, stream, epoch, the trajectory's index in its round) by
+    numpy's SeedSequence. A trajectory's noise (x_T, then each step's) depends on nothing else: 1 process drawing 16
+    trajectories and 2 processes drawing 8 each draw the same 16, in any sampling batch size. Streams: 0 training,
+    1 the per-epoch eval samples, 2 --eval."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, epoch, i]).generate_state(1, np.uint64)[0]))
+            for i in indices]
+
+
 @torch.no_grad()
-def rollout(models, prompts, args, generator) -> Trajectories:
-    """Sample one trajectory per prompt: x_T ~ N(0, I), then T actions a_t = x_{t-1} ~ π(· | s_t)."""
+def rollout(models, prompts, args, generators) -> Trajectories:
+    """Sample one trajectory per prompt, each from its own generator: x_T ~ N(0, I), then T actions a_t = x_{t-1} ~ π(· | s_t)."""
     models.scheduler.set_timesteps(args.num_steps)
     cond = encode_prompts(models, prompts)
     uncond = encode_prompts(models, [""]).expand_as(cond)
     size = models.unet.config.sample_size
-    shape = (len(prompts), models.unet.config.in_channels, size, size)
-    x_t = torch.randn(shape, generator=generator).to(models.device)  # ρ_0: x_T ~ N(0, I)
+    shape = (models.unet.config.in_channels, size, size)
+    noise = lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(models.device)  # noqa: E731
+    x_t = noise()  # ρ_0: x_T ~ N(0, I), (B, C, H, W)
     states, log_probs = [x_t], []
     for t in models.scheduler.timesteps:
         t = t.expand(len(prompts)).to(models.device)
         mean, sigma_t = policy(models, x_t, t, cond, uncond, args.guidance_scale, args.eta)
-        x_t = mean + sigma_t * torch.randn(shape, generator=generator).to(models.device)  # the action x_{t-1}
+        x_t = mean + sigma_t * noise()  # the action x_{t-1}
         log_probs.append(gaussian_log_prob(x_t, mean, sigma_t))
         states.append(x_t)
     return Trajectories(list(prompts), cond, torch.stack(states, 1), models.scheduler.timesteps.clone(),
@@ -547,6 +496,42 @@ def rescore(models, traj, rows, steps, uncond, args):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): each process samples and scores its share of the round; every process gathers
+# the round's rewards and computes the same advantages; gradients are summed by all-reduce. So N processes take
+# exactly the update of one. In a plain `python ddpo.py` (one process) every function here is the identity.
+# ----------------------------------------------------------------------------------------------------------
+
+def my_share(x):
+    """This process's rows of a round-wide tensor: process r holds samples r·n … r·n + n − 1 of the round."""
+    rank, world = distributed()
+    n = len(x) // world
+    return x[rank * n:(rank + 1) * n]
+
+
+def gather(x):
+    """Every process's share (first dimension), concatenated in rank order, on every process."""
+    world = distributed()[1]
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    with runfiles.collective():
+        torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def sum_gradients(params):
+    """Add up the processes' gradients (all-reduce). A process's loss is its samples' share of the whole minibatch's
+    mean (divided by the minibatch's size, not by its own count), so the sum is the gradient of that mean."""
+    if distributed()[1] > 1:
+        for p in params:
+            if p.grad is None:  # a process that had none of this minibatch's samples
+                p.grad = torch.zeros_like(p)
+        with runfiles.collective():
+            for work in [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]:
+                work.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Rewards and advantages (paper §4.4)
 # ----------------------------------------------------------------------------------------------------------
 
@@ -557,35 +542,6 @@ def load_reward(args):
         return rewards_lib.make_reward(args.reward, args.device, **options)
     except rewards_lib.RewardLoadError as e:
         fail(f"reward {args.reward!r}: {e}")
-
-
-def compute_rewards(reward_fn, name, images, prompts):
-    """r(x_0, c) and per-sample extras; stops the run on an exception, a wrong shape or a non-finite value,
-    naming the sample (a batch that raises is retried one sample at a time to find it)."""
-    try:
-        out = reward_fn(images, prompts)
-    except Exception as e:
-        traceback.print_exc()  # the reward's own traceback, then our one line
-        culprit = next((i for i in range(len(prompts)) if raises(reward_fn, images[i:i + 1], prompts[i:i + 1])), None)
-        which = f"sample {culprit} (prompt {prompts[culprit]!r})" if culprit is not None else f"a batch of {len(prompts)}"
-        raise RunError(f"reward {name!r} raised {runfiles.why(e)} on {which}") from e
-    r, extras = out if isinstance(out, tuple) else (out, {})
-    r = torch.as_tensor(r, dtype=torch.float32).cpu()
-    if r.shape != (len(prompts),):
-        raise RunError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
-    bad = torch.nonzero(~torch.isfinite(r)).flatten()
-    if len(bad):
-        i = bad[0].item()
-        raise RunError(f"reward {name!r} returned {r[i].item()} for sample {i} (prompt {prompts[i]!r})")
-    return r, extras
-
-
-def raises(fn, *inputs):
-    try:
-        fn(*inputs)
-        return False
-    except Exception:
-        return True
 
 
 class PerPromptStatTracker:
@@ -652,10 +608,11 @@ def value_at(value, traj, j):
 def value_advantages(value, traj, rewards, args):
     """DPOK's advantage of step t: δ = r − V_φ(s_t), normalised over the round as the batch advantages are, and
     clipped, (B, T). V_φ has not seen this round's rewards (fit_value runs after), so a sample's baseline never
-    contains its own reward. Also returns what V_φ's error on these new trajectories was."""
+    contains its own reward. Also returns what V_φ's error on these new trajectories was. rewards: the round's;
+    traj: this process's share of it."""
     with torch.no_grad():
         v = torch.stack([value_at(value, traj, j) for j in range(traj.log_probs.shape[1])], 1)  # (B, T)
-        delta = rewards.to(traj.states.device)[:, None] - v
+        delta = gather(my_share(rewards).to(traj.states.device)[:, None] - v)  # the round's, (B, T)
     advantages = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)
     variance = rewards.var(unbiased=False).item()
     logs = {"value/loss": delta.pow(2).mean().item(),  # on rewards V_φ has not been fitted to
@@ -665,7 +622,8 @@ def value_advantages(value, traj, rewards, args):
 
 def fit_value(value, optimizer, traj, rewards, args):
     """Regress V_φ(s_t) onto the final reward r of the round's trajectories, every step t (DPOK §4): value_steps
-    full-batch AdamW steps on the mean squared error, one backward per step t (memory stays at B states)."""
+    full-batch AdamW steps on the mean squared error, one backward per step t (memory stays at B states).
+    rewards: the round's; traj: this process's share (the gradients are summed over the processes)."""
     rewards = rewards.to(traj.states.device)
     if not value.fitted:  # V_φ predicts rewards on their own scale, which AdamW's small steps would take long to reach
         value.head[-1].bias.data.fill_(rewards.mean().item())
@@ -673,8 +631,9 @@ def fit_value(value, optimizer, traj, rewards, args):
     T = traj.log_probs.shape[1]
     for _ in range(args.value_steps):
         optimizer.zero_grad(set_to_none=True)
-        for j in range(T):
-            ((value_at(value, traj, j) - rewards).pow(2).mean() / T).backward()
+        for j in range(T):  # the sum over this process's samples / the round's count: the mean once summed
+            ((value_at(value, traj, j) - my_share(rewards)).pow(2).sum() / (len(rewards) * T)).backward()
+        sum_gradients(list(value.parameters()))
         optimizer.step()
 
 
@@ -733,9 +692,9 @@ def round_plan(args, T):
     return n_minibatches, inner_epochs, max(1, int(args.timestep_fraction * T))
 
 
-def rwr_loss(models, x0, cond, weights, generator):
+def rwr_loss(models, x0, cond, weights, t, noise):
     """RWR: the DDPM loss on the model's own samples x_0, each weighted (one-step MDP: a = x_0)."""
-    return (weights * ddpm_loss(models, x0, cond, generator)).mean()
+    return (weights * ddpm_loss(models, x0, cond, t, noise)).mean()
 
 
 class NonFinite(RunError):
@@ -758,20 +717,25 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
 
     Gradients accumulate over every trained timestep with one backward per timestep (memory does not grow
     with T). Each step's loss is scaled by 1/n_timesteps: the paper's sum over t, divided by a constant.
+    traj: this process's share of the round; advantages and rewards: the whole round's. Every process draws the
+    same minibatches and timesteps of the whole round and trains on its own samples in them.
     """
     scaler = scaler or loss_scaler(args)  # train() passes its own, whose scale carries over from round to round
-    B, T = traj.log_probs.shape
+    B, T = advantages.shape[0], traj.log_probs.shape[1]  # B: the whole round's samples
+    first = distributed()[0] * len(traj.prompts)  # this process holds samples first … first + len(traj.prompts) − 1
     rwr = args.algo.startswith("rwr")
     n_minibatches, inner_epochs, n_timesteps = round_plan(args, T)
     weights = rwr_weights(args, rewards, advantages).to(models.device) if rwr else None
     advantages = advantages.to(models.device)
     params = {n: p for n, p in models.unet.named_parameters() if p.requires_grad}
     logs = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "grad_norm": [], "skipped": []}
-    bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False, disable=None)
+    bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False, disable=bars())
     n_steps = 0
     for _ in range(inner_epochs):
         # the timesteps each sample trains on, drawn per sample: (B, n_timesteps) step indices
         steps = torch.stack([torch.randperm(T, generator=generator)[:n_timesteps] for _ in range(B)])
+        if rwr:  # the DDPM loss's t and ε, one per sample of the round
+            t_ddpm, eps_ddpm = ddpm_noise(models.scheduler, (B, *traj.states.shape[2:]), generator)
         for minibatch in torch.randperm(B, generator=generator).chunk(n_minibatches):
             optimizer.zero_grad(set_to_none=True)
             n_steps += 1
@@ -780,29 +744,35 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
             if args.algo == "rwr-sparse" and not weights[minibatch].any():
                 logs["skipped"].append(1.0)  # no sample here reached C: a zero loss, and AdamW would still move θ
                 continue
-            for rows in minibatch.split(args.train_batch_size):
-                share = len(rows) / len(minibatch)  # chunks of a minibatch add up to its mean
-                if rwr:  # one-step MDP: the DDPM loss on the final sample x_0 = states[:, -1]
-                    loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[rows], generator)
-                    backward(loss, share, scaler, where)
-                    logs["loss"].append(loss.item())
-                    continue
-                for k in range(n_timesteps):
-                    log_prob, kl = rescore(models, traj, rows, steps[rows, k], uncond, args)
-                    # A of each sample, or of each sample's step with DPOK's value baseline (B, T)
-                    adv = advantages[rows, steps[rows, k]] if advantages.ndim == 2 else advantages[rows]
-                    if args.algo == "sf":
-                        loss = ddpo_sf_loss(log_prob, adv)
-                    else:  # the old log-prob is the one stored at sampling time, under θ_old
-                        old = traj.log_probs[rows, steps[rows, k]]
-                        loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, adv, args.clip_range)
-                        logs["approx_kl"].append(approx_kl.item())
-                        logs["clipfrac"].append(clipfrac.item())
-                    if kl is not None:  # DPOK: + β KL(π_θ ‖ π_pre) on the same step
-                        loss = loss + args.kl_coef * kl.mean()
-                        logs["kl"].append(kl.mean().item())
-                    backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[rows[0], k]].item()}")
-                    logs["loss"].append(loss.item())
+            mine = minibatch[(minibatch >= first) & (minibatch < first + len(traj.prompts))]  # round indices
+            with together():  # a non-finite loss on any process stops all of them here
+                for chunk in mine.split(args.train_batch_size):
+                    rows = chunk - first  # the same samples as rows of this process's traj
+                    share = len(chunk) / len(minibatch)  # chunks (on all processes) add up to the minibatch's mean
+                    if rwr:  # one-step MDP: the DDPM loss on the final sample x_0 = states[:, -1]
+                        loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[chunk], t_ddpm[chunk],
+                                        eps_ddpm[chunk])
+                        backward(loss, share, scaler, where)
+                        logs["loss"].append(loss.item())
+                        continue
+                    for k in range(n_timesteps):
+                        log_prob, kl = rescore(models, traj, rows, steps[chunk, k], uncond, args)
+                        # A of each sample, or of each sample's step with DPOK's value baseline (B, T)
+                        adv = advantages[chunk, steps[chunk, k]] if advantages.ndim == 2 else advantages[chunk]
+                        if args.algo == "sf":
+                            loss = ddpo_sf_loss(log_prob, adv)
+                        else:  # the old log-prob is the one stored at sampling time, under θ_old
+                            old = traj.log_probs[rows, steps[chunk, k]]
+                            loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, adv, args.clip_range)
+                            logs["approx_kl"].append(approx_kl.item())
+                            logs["clipfrac"].append(clipfrac.item())
+                        if kl is not None:  # DPOK: + β KL(π_θ ‖ π_pre) on the same step
+                            loss = loss + args.kl_coef * kl.mean()
+                            logs["kl"].append(kl.mean().item())
+                        backward(loss, share / n_timesteps, scaler,
+                                 f"{where}, timestep t={traj.timesteps[steps[chunk[0], k]].item()}")
+                        logs["loss"].append(loss.item())
+            sum_gradients(list(params.values()))
             scaler.unscale_(optimizer)  # the true gradients, before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm)
             if torch.isfinite(grad_norm):
@@ -818,6 +788,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
                 raise NonFinite(f"non-finite weights ({bad}) after {where}")
             bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
     bar.close()
+    logs = {k: sum((part[k] for part in gather_objects(logs)), []) for k in logs}  # every process's passes
     return {k: float(np.mean(v)) for k, v in logs.items() if v}
 
 
@@ -825,11 +796,12 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
 # What a run leaves behind: sample grids, metrics.jsonl, reward_curve.png, the fine-tuned model
 # ----------------------------------------------------------------------------------------------------------
 
-def sample(models, prompts, args, generator, batch_size, desc="sampling"):
-    """Rollouts for many prompts in batches; returns the trajectories and the decoded images. Non-finite latents
-    or images stop the run here, before they can be scored (a black image is the smallest JPEG)."""
-    parts = [rollout(models, prompts[i:i + batch_size], args, generator)
-             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None)]
+def sample(models, prompts, args, generators, batch_size, desc="sampling"):
+    """Rollouts for many prompts in batches (generators: noise_generators, one per prompt); returns the trajectories
+    and the decoded images. Non-finite latents or images stop the run here, before they can be scored (a black
+    image is the smallest JPEG)."""
+    parts = [rollout(models, prompts[i:i + batch_size], args, generators[i:i + batch_size])
+             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=bars())]
     traj = Trajectories.cat(parts)
     finite = torch.isfinite(traj.states).flatten(2).all(2).all(0)  # (T+1,): is step j finite for every sample
     if not finite.all():
@@ -851,12 +823,14 @@ def train(args, reward_fn=None):
     if reward_fn is not None:
         name = getattr(reward_fn, "__qualname__", type(reward_fn).__qualname__)
         args = dataclasses.replace(args, reward=f"{reward_fn.__module__}:{name}")
-    args = complete(args)
+    args = runfiles.start_processes(complete(args))  # under torchrun: join the others, one device each
+    rank, world = distributed()
     runfiles.quiet_libraries()
     run_dir = Path(args.out_dir) / args.run_name
     prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
     try:
-        runfiles.check_writable(run_dir)
+        if rank == 0:  # process 0 alone writes the run's files
+            runfiles.check_writable(run_dir)
     except OSError as e:
         fail(f"cannot write the run folder {run_dir} ({runfiles.why(e)})")
     reward_fn = reward_fn or load_reward(args)
@@ -881,18 +855,19 @@ def train(args, reward_fn=None):
         start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator, scaler, value)
         if start >= args.epochs:
             fail(f"{run_dir} has trained {start} epochs already; resume with --epochs above {start}")
-    print(runfiles.describe(args, len(prompt_set), round_plan(args, args.num_steps)))
-    print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
-          f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
+    if rank == 0:
+        print(runfiles.describe(args, len(prompt_set), round_plan(args, args.num_steps), world))
+        print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
+              f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
     metrics = run_dir / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if start else []
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if start and rank == 0 else []
     history = [h for h in history if h["epoch"] <= start]  # epochs after the checkpoint are done again
     eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
     uncond = encode_prompts(models, [""])  # c = ∅ for classifier-free guidance, (1, L, D)
 
     def evaluate(epoch):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
-        _, images = sample(models, eval_prompts, args, torch.Generator().manual_seed(args.seed + 1), 8, "evaluating")
+        _, images = sample(models, eval_prompts, args, noise_generators(args.seed, range(8), stream=1), 8, "evaluating")
         r, extras = compute_rewards(reward_fn, args.reward, images, eval_prompts)
         runfiles.save_eval_grid(images, eval_prompts, r, extras, run_dir / f"grid_{epoch:03d}")
         return r.mean().item()
@@ -904,19 +879,25 @@ def train(args, reward_fn=None):
 
     epoch = start
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        runfiles.write_text(run_dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2) + "\n")
         with runfiles.CtrlC() as ctrl_c:
-            if not start:
-                log({"epoch": 0, "eval/reward_mean": evaluate(0)})
-            epochs = tqdm(range(start + 1, args.epochs + 1), desc="epochs", initial=start, total=args.epochs, disable=None)
+            with together():
+                if rank == 0:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    runfiles.write_text(run_dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+                    if not start:
+                        log({"epoch": 0, "eval/reward_mean": evaluate(0)})
+            epochs = tqdm(range(start + 1, args.epochs + 1), desc="epochs", initial=start, total=args.epochs, disable=bars())
             for epoch in epochs:
                 t0 = time.time()
-                k = args.samples_per_prompt  # c ~ p(c), each drawn prompt sampled k times
+                k = args.samples_per_prompt  # c ~ p(c), each drawn prompt sampled k times (the same on every process)
                 prompts = [c for c in rng.choices(prompt_set, k=args.samples_per_epoch // k) for _ in range(k)]
-                traj, images = sample(models, prompts, args, generator, args.sample_batch_size)
-                t1 = time.time()
-                r, _ = compute_rewards(reward_fn, args.reward, images, prompts)
+                mine = range(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)  # this process's share
+                with together():  # a reward that raises or a NaN on any process stops every process here
+                    traj, images = sample(models, [prompts[i] for i in mine], args, noise_generators(args.seed, mine, epoch),
+                                          args.sample_batch_size)
+                    t1 = time.time()
+                    r_mine, _ = compute_rewards(reward_fn, args.reward, images, [prompts[i] for i in mine])
+                r = gather(r_mine.to(models.device)).cpu()  # the round's rewards, (samples_per_epoch,)
                 if value:  # DPOK: the baseline V_φ as it was before this round, then V_φ fitted to the round
                     advantages, extra = value_advantages(value[0], traj, r, args)
                     fit_value(*value, traj, r, args)
@@ -926,25 +907,35 @@ def train(args, reward_fn=None):
                 t2 = time.time()
                 logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
                 t3 = time.time()
-                log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
-                     "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
-                     **extra, **{f"losses/{k}": v for k, v in logs.items()},
-                     "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
-                epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
-                if epochs.disable:  # no terminal (a log file, a batch job): one line per epoch instead of the bars
-                    print(f"epoch {epoch}/{args.epochs}: reward {r.mean().item():.4g}, eval "
-                          f"{history[-1]['eval/reward_mean']:.4g} ({time.time() - t0:.1f} s)", flush=True)
-                if epoch % args.save_every == 0 or epoch == args.epochs or ctrl_c.requested:
-                    save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler, value)
-                if ctrl_c.requested and epoch < args.epochs:
-                    sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}")
+                stop = any(gather_objects(ctrl_c.requested))  # Ctrl-C on any process: all stop after this epoch
+                with together():  # process 0 evaluates and writes; a full disk there stops every process
+                    if rank == 0:
+                        log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
+                             "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
+                             **extra, **{f"losses/{k}": v for k, v in logs.items()}, "time/sample_s": t1 - t0,
+                             "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
+                        epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
+                        if epochs.disable:  # no terminal (a log file, a batch job): one line per epoch instead of bars
+                            print(f"epoch {epoch}/{args.epochs}: reward {r.mean().item():.4g}, eval "
+                                  f"{history[-1]['eval/reward_mean']:.4g} ({time.time() - t0:.1f} s)", flush=True)
+                    if rank == 0 and (epoch % args.save_every == 0 or epoch == args.epochs or stop):
+                        save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler, value)
+                if stop and epoch < args.epochs:
+                    sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}"
+                             if rank == 0 else 1)
+    except CollectiveFailed as e:  # a gather or all-reduce that could not complete
+        fail(f"process {rank}: a collective did not complete in epoch {epoch} ({e}): another process stopped, or "
+             f"took longer than --collective-timeout {args.collective_timeout:g} s")
     except (RunError, OSError) as e:  # a full disk while writing metrics or grids is an OSError
+        if isinstance(e, Agreed) and rank > 0:
+            sys.exit(1)  # process 0 says it
         kept = checkpoints(run_dir)
         what = e if isinstance(e, RunError) else runfiles.why(e)
         fail(f"{what} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with --resume {run_dir}"
                                              if kept else "no checkpoint was written yet"))
-    print(f"eval reward {history[0]['eval/reward_mean']:.4g} → {history[-1]['eval/reward_mean']:.4g}; "
-          f"the fine-tuned model: --model {run_dir}")
+    if rank == 0:
+        print(f"eval reward {history[0]['eval/reward_mean']:.4g} → {history[-1]['eval/reward_mean']:.4g}; "
+              f"the fine-tuned model: --model {run_dir}")
     return history
 
 
@@ -953,6 +944,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         try:
+            if (args.export or args.eval) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+                fail(f"{'--export' if args.export else '--eval'} runs in one process: python ddpo.py, not torchrun")
             if args.export:
                 return runfiles.export(*args.export)
             return runfiles.evaluate_run(args) if args.eval else train(args)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-D, P, R = "test_ddpo.py::", "test_paper_setup.py::", "test_rewards.py::"
+D, P, R, T = "test_ddpo.py::", "test_paper_setup.py::", "test_rewards.py::", "test_distributed.py::"
 
 # (name, file, the right code, the wrong version, the tests that must catch it)
 MUTANTS = [
@@ -36,7 +36,7 @@ MUTANTS = [
     ("log-prob with sigma instead of sigma^2", "ddpo.py", "-((x_prev - mean) ** 2) / (2 * sigma_t**2)",
      "-((x_prev - mean) ** 2) / (2 * sigma_t)",
      [D + "test_log_prob_equals_torch_normal"]),
-    ("eta above 1 accepted", "ddpo.py", '"eta": (0 < args.eta <= 1,', '"eta": (0 < args.eta,',
+    ("eta above 1 accepted", "runfiles.py", '"eta": (0 < args.eta <= 1,', '"eta": (0 < args.eta,',
      [D + "test_out_of_range_and_non_finite_flags_are_refused_by_name"]),
     ("rescore takes uncond rows as they come", "ddpo.py", "uncond[:1].expand(len(rows), -1, -1)", "uncond[: len(rows)]",
      [D + "test_rescoring_unchanged_weights_gives_ratio_one"]),
@@ -60,7 +60,7 @@ MUTANTS = [
      "return (advantages * log_prob).mean()", [D + "test_score_function_gradient_is_unbiased_on_a_toy_problem"]),
     ("DDPO_IS clip on the wrong side (min)", "ddpo.py", "torch.max(pg_loss1, pg_loss2)", "torch.min(pg_loss1, pg_loss2)",
      [D + "test_clipped_loss_matches_hand_computed"]),
-    ("DDPO_IS old log-prob from the current policy", "ddpo.py", "old = traj.log_probs[rows, steps[rows, k]]",
+    ("DDPO_IS old log-prob from the current policy", "ddpo.py", "old = traj.log_probs[rows, steps[chunk, k]]",
      "old = log_prob.detach()", [D + "test_ddpo_is_ratio_is_one_at_the_first_step_then_moves_and_clips"]),
     ("approx_kl as half the squared mean logratio", "ddpo.py", "approx_kl = 0.5 * (logratio**2).mean()",
      "approx_kl = 0.5 * logratio.mean() ** 2", [D + "test_approx_kl_and_clipfrac_over_several_samples"]),
@@ -73,7 +73,7 @@ MUTANTS = [
      "num_minibatches: int = arg(1,", [D + "test_ddpo_is_and_sf_take_different_updates_at_the_defaults"]),
     ("trained timesteps rounded, not truncated", "ddpo.py", "max(1, int(args.timestep_fraction * T))",
      "max(1, round(args.timestep_fraction * T))", [D + "test_trained_timesteps_truncate_like_the_pytorch_port"]),
-    ("chunks of a minibatch not weighted by their share", "ddpo.py", "share = len(rows) / len(minibatch)", "share = 1.0",
+    ("chunks of a minibatch not weighted by their share", "ddpo.py", "share = len(chunk) / len(minibatch)", "share = 1.0",
      [P + "test_a_minibatch_in_chunks_of_train_batch_size_gives_the_same_update"]),
     ("fp16 gradients clipped before unscaling", "ddpo.py", "scaler.unscale_(optimizer)  #", "pass  #",
      [P + "test_fp16_loss_scaling_gives_the_unscaled_update"]),
@@ -122,8 +122,8 @@ MUTANTS = [
      [D + "test_value_advantages_are_per_step_and_normalised"]),
     ("value advantages not normalised", "ddpo.py", "advantages = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)",
      "advantages = delta", [D + "test_value_advantages_are_per_step_and_normalised"]),
-    ("value function fitted to the wrong sign of the reward", "ddpo.py", "((value_at(value, traj, j) - rewards).pow(2)",
-     "((value_at(value, traj, j) + rewards).pow(2)", [D + "test_value_baseline_lowers_the_gradient_variance_and_keeps_its_mean"]),
+    ("value function fitted to the wrong sign of the reward", "ddpo.py", "((value_at(value, traj, j) - my_share(rewards)).pow(2)",
+     "((value_at(value, traj, j) + my_share(rewards)).pow(2)", [D + "test_value_baseline_lowers_the_gradient_variance_and_keeps_its_mean"]),
     ("value function not restored on resume", "runfiles.py", 'value[0].load_state_dict(state["value"])', "pass",
      [P + "test_resume_gives_the_same_metrics_as_training_straight[tiny-dpok]"]),
     ("value optimizer not restored on resume", "runfiles.py", 'value[1].load_state_dict(state["value_optimizer"])', "pass",
@@ -148,10 +148,10 @@ MUTANTS = [
       P + "test_export_loads_in_diffusers_pipelines_with_the_runs_unet[0]"]),
     ("reward import path ignores the current folder", "rewards.py", "sys.path.append(os.getcwd())", "pass",
      [D + "test_a_reward_by_import_path_trains_resumes_and_evaluates"]),
-    ("a run made with an imported reward cannot resume", "ddpo.py",
-     ' and not (name == "reward" and known_reward(args.reward))', "",
+    ("a run made with an imported reward cannot resume", "runfiles.py",
+     ' and not (name == "reward" and ddpo.known_reward(args.reward))', "",
      [D + "test_a_reward_by_import_path_trains_resumes_and_evaluates"]),
-    ("train() runs an Args made in Python unchecked", "ddpo.py", "    args = complete(args)\n", "",
+    ("train() runs an Args made in Python unchecked", "ddpo.py", "    args = runfiles.start_processes(complete(args))", "    args = runfiles.start_processes(args)",
      [D + "test_train_takes_args_made_in_python_and_a_reward_callable"]),
     # non-finite numbers
     ("non-finite weights not checked", "ddpo.py",
@@ -180,6 +180,30 @@ MUTANTS = [
     ("--eval samples in the command's precision", "ddpo.py",
      "args.mixed_precision = load_run_args(args.eval).mixed_precision", "pass",
      [D + "test_a_run_as_model_keeps_its_lora_rank_and_eval_its_precision"]),
+    # several processes (torchrun): N processes take the update of one
+    ("each process averages its own samples, then gradients are summed (N x the update)", "ddpo.py",
+     "share = len(chunk) / len(minibatch)", "share = len(chunk) / len(mine)",
+     [T + "test_two_processes_take_the_update_of_one[is]"]),
+    ("gradients not all-reduced", "ddpo.py",
+     "for work in [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]:", "for work in []:",
+     [T + "test_two_processes_take_the_update_of_one[is]"]),
+    ("noise drawn per process (by position in its share)", "ddpo.py", "noise_generators(args.seed, mine, epoch)",
+     "noise_generators(args.seed, range(len(mine)), epoch)", [T + "test_two_processes_take_the_update_of_one[sf]"]),
+    ("advantages from each process's own rewards", "ddpo.py",
+     "advantages, fraction = compute_advantages(tracker, prompts, r, args)",
+     "advantages, fraction = gather(compute_advantages(tracker, [prompts[i] for i in mine], my_share(r), args)[0]), 0.0",
+     [T + "test_two_processes_take_the_update_of_one[sf]"]),
+    ("V_phi's gradients not summed over processes", "ddpo.py", "        sum_gradients(list(value.parameters()))\n", "",
+     [T + "test_two_processes_take_the_update_of_one[dpok]"]),
+    ("only process 0 resumes from the checkpoint", "ddpo.py", "    if args.resume:\n        start = load_checkpoint(",
+     "    if args.resume and rank == 0:\n        start = load_checkpoint(",
+     [T + "test_resume_under_two_processes_equals_an_unbroken_run"]),
+    ("an error on one process is not shared with the others", "runfiles.py",
+     "for rank, e in enumerate(gather_objects(error)):", "for rank, e in enumerate([error]):",
+     [T + "test_a_failure_on_one_process_stops_both_with_one_line"]),
+    ("no timeout on collectives (torch's 30 minutes)", "runfiles.py",
+     "timeout=datetime.timedelta(seconds=args.collective_timeout))", ")",
+     [T + "test_a_failure_on_one_process_stops_both_with_one_line"]),
 ]
 
 

@@ -1,11 +1,12 @@
 """A run's plumbing, kept out of ddpo.py's reading order: atomic files and folders, checkpoint folders, prompt
 files, the sample grids, the reward curve, `--eval`'s side-by-side grids, `--export` to diffusers' formats, the
-check that the run folder can be written before any model is loaded, Ctrl-C, and the one line that says why a
-model could not be loaded.
+check that the run folder can be written before any model is loaded, Ctrl-C, the one line that says why a
+model could not be loaded, and torchrun's process group (joining it, and leaving it together on an error).
 
 Every file here is written under a temporary name, flushed (fsync) and renamed, so a process that is killed or
 runs out of disk leaves the previous version in place, never a half-written one.
 """
+import argparse
 import contextlib
 import json
 import math
@@ -14,6 +15,7 @@ import random
 import shutil
 import signal
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +186,194 @@ def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=N
         fail(f"checkpoint {folder} is damaged ({why(e)})")
 
 
-def describe(args, n_prompts, plan):
-    """The batch arithmetic of ddpo.round_plan's plan (minibatches, inner epochs, timesteps), printed at start-up."""
+def start_processes(args):
+    """Under torchrun (WORLD_SIZE > 1 in the environment): join the process group and return args with this process's
+    device: cuda → cuda:LOCAL_RANK with NCCL, cpu with gloo; a collective waits at most --collective-timeout seconds.
+    A plain `python ddpo.py` (no WORLD_SIZE) is left as it is."""
+    import dataclasses
+    import datetime
+
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or torch.distributed.is_initialized():
+        return args
+    if args.device == "cuda":
+        args = dataclasses.replace(args, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)
+    try:
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(seconds=args.collective_timeout))
+    except Exception as e:  # an unreachable rendezvous, a timeout
+        fail(f"process {os.environ.get('RANK')}: cannot join the other processes ({why(e)})")
+    return args
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        fail(f"{message} (see --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: …)" only where there is one; the help text explains the rest
+        return action.help if action.default in (None, "", ()) else super()._get_help_string(action)
+
+
+def check_scheduler(scheduler, num_steps):
+    """Why ddim_step cannot serve this scheduler as a policy with a density equal to DDIMScheduler.step, or None:
+    σ_t = 0 at the last step, thresholding (dynamic x̂_0 clipping for pixel-space models: not implemented
+    here), or a timestep spacing whose next timestep is not the one DDIMScheduler.step steps to (t − 1000 // T)."""
+    import ddpo
+
+    config = scheduler.config
+    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        return f"prediction_type {config.prediction_type!r} is not one of epsilon, v_prediction, sample"
+    if config.set_alpha_to_one:
+        return ("set_alpha_to_one=True makes the last DDIM step deterministic (σ_t = 0, no density); set it to false "
+                "in scheduler/scheduler_config.json, as Stable Diffusion does")
+    if config.thresholding:
+        return "thresholding=True is not supported (set it to false in scheduler/scheduler_config.json)"
+    try:
+        scheduler.set_timesteps(num_steps)
+    except ValueError as e:  # e.g. more steps than the model's training timesteps
+        return f"scheduler refuses {num_steps} steps ({first_line(e)})"
+    t = scheduler.timesteps
+    if not torch.equal(ddpo.prev_timestep(scheduler, t[:-1]), t[1:]) or ddpo.prev_timestep(scheduler, t[-1]) >= 0:
+        return (f"timestep_spacing={config.timestep_spacing!r} with {num_steps} steps gives timesteps that "
+                f"DDIMScheduler.step does not step between; use 'leading' or 'trailing' with a T that divides "
+                f"{config.num_train_timesteps}")
+    return None
+
+
+def distributed():
+    """(rank, number of processes): torchrun's, or (0, 1)."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def bars():
+    """tqdm's `disable`: process 0 shows bars where there is a terminal, the others none."""
+    return None if distributed()[0] == 0 else True
+
+
+class CollectiveFailed(Exception):
+    """A gather or all-reduce that could not complete: another process stopped, or took longer than the timeout."""
+
+
+@contextlib.contextmanager
+def collective():
+    try:
+        yield
+    except RuntimeError as e:  # gloo's and NCCL's timeouts and lost peers are RuntimeErrors (some DistErrors)
+        raise CollectiveFailed(why(e)) from e
+
+
+def gather_objects(obj):
+    """[process 0's obj, process 1's, …] on every process, for small picklable things (logs, error lines, flags)."""
+    out = [obj] * distributed()[1]
+    if len(out) > 1:
+        with collective():
+            torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class Agreed(RunError):
+    """An error raised on every process at once; process 0 says it, the others stop without a word."""
+
+
+@contextlib.contextmanager
+def together():
+    """A block that all processes leave together: a RunError or OSError in any process's block is raised on every
+    process (naming the process), so none is left waiting at the next gather. One process: the error as it is."""
+    error = None
+    try:
+        yield
+    except (RunError, OSError) as e:
+        if distributed()[1] == 1:
+            raise
+        error = str(e) if isinstance(e, RunError) else why(e)
+    for rank, e in enumerate(gather_objects(error)):
+        if e is not None:
+            raise Agreed(f"process {rank}: {e}")
+
+
+def is_run(path):
+    return (Path(path) / "args.json").is_file()
+
+
+def load_run_args(run_dir):
+    """A run's saved settings (args.json); names this ddpo.py does not know (a reward, an algorithm) are refused,
+    and settings it no longer has are ignored."""
+    import dataclasses
+
+    import ddpo
+    import rewards
+
+    path = Path(run_dir) / "args.json"
+    if not path.is_file():
+        fail(f"{run_dir} is not a run folder (no args.json)")
+    try:
+        saved = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(ddpo.Args)}
+        args = ddpo.Args(**{k: v for k, v in saved.items() if k in known})
+    except (ValueError, TypeError, AttributeError) as e:
+        fail(f"{path} is damaged ({why(e)})")
+    for name, allowed in {**ddpo.CHOICES, "reward": list(rewards.REWARDS)}.items():
+        if getattr(args, name) not in allowed and not (name == "reward" and ddpo.known_reward(args.reward)):
+            fail(f"{run_dir} was made with --{name.replace('_', '-')} {getattr(args, name)!r}, which this ddpo.py "
+                 f"does not know (known: {', '.join(allowed)})")
+    return args
+
+
+def compute_rewards(reward_fn, name, images, prompts):
+    """r(x_0, c) and per-sample extras; stops the run on an exception, a wrong shape or a non-finite value,
+    naming the sample (a batch that raises is retried one sample at a time to find it)."""
+    try:
+        out = reward_fn(images, prompts)
+    except Exception as e:
+        traceback.print_exc()  # the reward's own traceback, then our one line
+        culprit = next((i for i in range(len(prompts)) if raises(reward_fn, images[i:i + 1], prompts[i:i + 1])), None)
+        which = f"sample {culprit} (prompt {prompts[culprit]!r})" if culprit is not None else f"a batch of {len(prompts)}"
+        raise RunError(f"reward {name!r} raised {why(e)} on {which}") from e
+    r, extras = out if isinstance(out, tuple) else (out, {})
+    r = torch.as_tensor(r, dtype=torch.float32).cpu()
+    if r.shape != (len(prompts),):
+        raise RunError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
+    bad = torch.nonzero(~torch.isfinite(r)).flatten()
+    if len(bad):
+        i = bad[0].item()
+        raise RunError(f"reward {name!r} returned {r[i].item()} for sample {i} (prompt {prompts[i]!r})")
+    return r, extras
+
+
+def raises(fn, *inputs):
+    try:
+        fn(*inputs)
+        return False
+    except Exception:
+        return True
+
+
+def range_problem(args):
+    """The first numeric setting out of its range, as one line naming the flag, or None."""
+    positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
+                "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every",
+                "value_steps")
+    finite = ("eta", "guidance_scale", "adv_clip", "lr", "max_grad_norm", "timestep_fraction", "clip_range",
+              "rwr_beta", "rwr_threshold", "kl_coef", "value_lr", "collective_timeout")
+    checks = {**{name: (getattr(args, name) > 0, "> 0") for name in positive},
+              "lr": (args.lr >= 0, "≥ 0"), "rwr_beta": (args.rwr_beta >= 0, "≥ 0"), "kl_coef": (args.kl_coef >= 0, "≥ 0"),
+              "value_lr": (args.value_lr >= 0, "≥ 0"), "seed": (args.seed >= 0, "≥ 0"),
+              "collective_timeout": (args.collective_timeout > 0, "> 0"),
+              "eta": (0 < args.eta <= 1, "0 < η ≤ 1"), "timestep_fraction": (0 < args.timestep_fraction <= 1, "in (0, 1]"),
+              "lora_rank": (args.lora_rank is None or args.lora_rank >= 0, "≥ 0")}
+    checks.update({name: (False, "finite") for name in finite
+                   if getattr(args, name) is not None and not math.isfinite(getattr(args, name))})
+    return next((f"--{name.replace('_', '-')} {getattr(args, name)} is out of range (must be {allowed})"
+                 for name, (ok, allowed) in checks.items() if not ok), None)
+
+
+def describe(args, n_prompts, plan, world=1):
+    """The batch arithmetic of ddpo.round_plan's plan (minibatches, inner epochs, timesteps), printed at start-up;
+    world: the number of processes (torchrun)."""
     rwr = args.algo.startswith("rwr")
     n_mb, inner, n_t = plan
     mb = args.samples_per_epoch // n_mb
@@ -193,6 +381,8 @@ def describe(args, n_prompts, plan):
     dpok = [part for part, on in ((f"KL to the pretrained model x β={args.kl_coef}", args.kl_coef > 0),
                                   (f"value baseline V_φ (lr {args.value_lr}, {args.value_steps} steps a round)",
                                    args.advantage == "value")) if on]
+    processes = (f"{world} processes (torchrun), each sampling {args.samples_per_epoch // world} and training on its own "
+                 f"samples; rewards gathered, gradients summed" if world > 1 else "")
     return "\n".join([
         f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
         f"sampling: {args.samples_per_epoch} samples per epoch ({args.samples_per_epoch // args.samples_per_prompt} "
@@ -201,7 +391,7 @@ def describe(args, n_prompts, plan):
         f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
         f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
         + ("samples, one DDPM-loss pass each" if rwr else f"samples x {n_t} timesteps"),
-    ] + ([f"DPOK: {', '.join(dpok)}"] if dpok else []))
+    ] + ([f"DPOK: {', '.join(dpok)}"] if dpok else []) + ([processes] if processes else []))
 
 
 def save_eval_grid(images, prompts, rewards, extras, stem):
@@ -310,7 +500,8 @@ def evaluate_run(args):
             prompts = random.Random(args.seed).choices(prompt_set, k=16)
             if problem := ddpo.check_scheduler(models.scheduler, run.num_steps):
                 fail(f"cannot use model {run.model}: its {problem}")
-            _, images = ddpo.sample(models, prompts, run, torch.Generator().manual_seed(args.seed), run.sample_batch_size, f"{which} {name}")
+            noise = ddpo.noise_generators(args.seed, range(len(prompts)), stream=2)  # the same for base and tuned
+            _, images = ddpo.sample(models, prompts, run, noise, run.sample_batch_size, f"{which} {name}")
             r, _ = ddpo.compute_rewards(reward_fn, run.reward, images, prompts)
             results.setdefault(name, {"prompts": prompts})[which] = (images, r)
         del models  # one UNet in memory at a time

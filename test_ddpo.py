@@ -137,7 +137,7 @@ def test_log_prob_gradient_flows_only_through_the_mean():
 def test_rollout_shapes_and_log_probs_match_diffusers(random_models):
     args = small_args()
     prompts = ["tench", "cat", "a dog riding a bike"]
-    traj = ddpo.rollout(random_models, prompts, args, torch.Generator().manual_seed(0))
+    traj = ddpo.rollout(random_models, prompts, args, ddpo.noise_generators(0, range(len(prompts))))
     assert traj.states.shape == (3, 5, 3, 32, 32) and traj.log_probs.shape == (3, 4)
     assert traj.timesteps.tolist() == [751, 501, 251, 1]
     # each action equals diffusers' DDIM step from the same state with the noise that was drawn
@@ -158,7 +158,7 @@ def test_rollout_shapes_and_log_probs_match_diffusers(random_models):
 
 def test_rescoring_unchanged_weights_gives_ratio_one(random_models):
     args = small_args()
-    traj = ddpo.rollout(random_models, ["tench", "goldfish", "cat", "dog"], args, torch.Generator().manual_seed(3))
+    traj = ddpo.rollout(random_models, ["tench", "goldfish", "cat", "dog"], args, ddpo.noise_generators(3, range(4)))
     uncond = ddpo.encode_prompts(random_models, [""])  # one row: rescore expands it to the rows it scores
     advantages = torch.tensor([1.0, -1.0, 0.5, -2.0])
     with torch.no_grad():
@@ -328,14 +328,14 @@ def test_ddpm_loss_is_zero_for_the_true_target_and_matches_the_closed_form(predi
             return type("Out", (), {"sample": torch.zeros_like(x_t)})
 
     oracle = ddpo.Models(Oracle(), None, None, scheduler, None, "cpu")
-    assert ddpo.ddpm_loss(oracle, x0, None, torch.Generator().manual_seed(6)).abs().max().item() < 1e-8
+    assert ddpo.ddpm_loss(oracle, x0, None, *ddpo.ddpm_noise(scheduler, x0.shape, torch.Generator().manual_seed(6))).abs().max().item() < 1e-8
     zero = ddpo.Models(Zero(), None, None, scheduler, None, "cpu")
     g = torch.Generator().manual_seed(7)
     t = torch.randint(0, 1000, (3,), generator=g)  # the loss draws t first, then ε, from the same generator
     noise = torch.randn(x0.shape, generator=g)
     ab = a[t].view(-1, 1, 1, 1)
     target = {"epsilon": noise, "sample": x0, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[prediction_type]
-    torch.testing.assert_close(ddpo.ddpm_loss(zero, x0, None, torch.Generator().manual_seed(7)),
+    torch.testing.assert_close(ddpo.ddpm_loss(zero, x0, None, *ddpo.ddpm_noise(scheduler, x0.shape, torch.Generator().manual_seed(7))),
                                target.pow(2).mean(dim=(1, 2, 3)))
 
 
@@ -359,7 +359,7 @@ def test_score_function_gradient_is_unbiased_on_a_toy_problem():
 def test_one_is_step_moves_log_prob_with_the_advantage(random_model_dir, advantage, direction):
     models = ddpo.load_models(str(random_model_dir), "cpu")  # a fresh copy: this test trains it
     args = small_args("--algo", "is", "--num-minibatches", "1", "--lr", "1e-4")
-    traj = ddpo.rollout(models, ["cat"], args, torch.Generator().manual_seed(8))
+    traj = ddpo.rollout(models, ["cat"], args, ddpo.noise_generators(8, range(1)))
     uncond = ddpo.encode_prompts(models, [""])
     # a small plain gradient step tests the estimator's direction (Adam's first step is ±lr on every weight,
     # which can overshoot where log π is sharply curved, at the last steps' small σ_t)
@@ -376,7 +376,7 @@ def test_one_is_step_moves_log_prob_with_the_advantage(random_model_dir, advanta
 def count_round(models, algo, *flags, advantages=(1.0, -1.0, 0.5, -0.5), optimizer=None):
     """Train one round on 4 fresh samples; returns (UNet batch sizes per forward pass, optimizer steps, logs)."""
     args = small_args("--algo", algo, *flags)
-    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(9))
+    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(9, range(4)))
     calls, steps = [], []
     optimizer = optimizer or torch.optim.AdamW(models.unet.parameters(), lr=0.0)
     hooks = [models.unet.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0])),
@@ -444,7 +444,7 @@ def test_rwr_regresses_on_the_final_sample_x0(random_models, monkeypatch):
     real, seen = ddpo.ddpm_loss, []
     monkeypatch.setattr(ddpo, "ddpm_loss", lambda models, x0, *a: seen.append(x0) or real(models, x0, *a))
     args = small_args("--algo", "rwr", "--num-minibatches", "1")
-    traj = ddpo.rollout(random_models, ["cat", "dog"], args, torch.Generator().manual_seed(9))
+    traj = ddpo.rollout(random_models, ["cat", "dog"], args, ddpo.noise_generators(9, range(2)))
     ddpo.train_round(random_models, torch.optim.SGD(random_models.unet.parameters(), lr=0.0), traj,
                      torch.tensor([1.0, -1.0]), torch.zeros(2), args, torch.Generator().manual_seed(0),
                      ddpo.encode_prompts(random_models, [""]))
@@ -504,7 +504,7 @@ def test_kl_gradient_pulls_the_mean_toward_the_pretrained_one():
 def kl_round(models, kl_coef, lr):
     """One DDPO_SF round with zero advantages: the KL penalty is the whole loss. Returns the mean KL before, after."""
     args = small_args("--algo", "sf", "--kl-coef", str(kl_coef), "--max-grad-norm", "1e9")  # a plain SGD step
-    traj = ddpo.rollout(models, ["cat", "dog"], args, torch.Generator().manual_seed(4))
+    traj = ddpo.rollout(models, ["cat", "dog"], args, ddpo.noise_generators(4, range(2)))
     uncond = ddpo.encode_prompts(models, [""])
 
     def kl():
@@ -524,7 +524,7 @@ def test_kl_is_zero_at_the_pretrained_model_and_its_gradient_pulls_back_towards_
     models = ddpo.load_models(str(random_model_dir), "cpu")
     models.reference = ddpo.copy.deepcopy(models.unet).requires_grad_(False)
     args = small_args("--kl-coef", "1")
-    traj = ddpo.rollout(models, ["cat", "dog"], args, torch.Generator().manual_seed(4))
+    traj = ddpo.rollout(models, ["cat", "dog"], args, ddpo.noise_generators(4, range(2)))
     log_prob, kl = ddpo.rescore(models, traj, torch.arange(2), torch.tensor([1, 3]), ddpo.encode_prompts(models, [""]), args)
     kl.sum().backward()
     assert kl.tolist() == [0.0, 0.0] and all(not p.grad.any() for p in models.unet.parameters() if p.grad is not None)
@@ -537,7 +537,7 @@ def test_kl_is_zero_at_the_pretrained_model_and_its_gradient_pulls_back_towards_
 
 def test_kl_is_off_at_zero_and_logged_when_on(random_models):
     args = small_args()
-    traj = ddpo.rollout(random_models, ["cat"], args, torch.Generator().manual_seed(0))
+    traj = ddpo.rollout(random_models, ["cat"], args, ddpo.noise_generators(0, range(1)))
     assert ddpo.rescore(random_models, traj, torch.arange(1), torch.tensor([0]), ddpo.encode_prompts(random_models, [""]), args)[1] is None
 
 
@@ -585,7 +585,7 @@ def test_value_advantages_use_the_value_function_from_before_the_round(tmp_path,
 
 def test_value_advantages_are_per_step_and_normalised(random_models):
     args = small_args("--advantage", "value", "--adv-clip", "100")
-    traj = ddpo.rollout(random_models, ["cat", "dog", "cow"], args, torch.Generator().manual_seed(0))
+    traj = ddpo.rollout(random_models, ["cat", "dog", "cow"], args, ddpo.noise_generators(0, range(3)))
     value = ddpo.ValueFunction(3, random_models.text_encoder.config.hidden_size)
     r = torch.tensor([1.0, 2.0, 4.0])
     unfitted, _ = ddpo.value_advantages(value, traj, r, args)  # V_φ = 0 until fitted: the batch advantages, every step
@@ -682,7 +682,7 @@ def test_tiny_model_is_pretrained_and_prompt_conditional():
     """The shipped model draws the toy world: the prompt's palette, and JPEG sizes that vary (RL's signal)."""
     models = ddpo.load_models("tiny", "cpu")
     prompts = random.Random(0).sample(tiny_world.all_prompts(), 32)
-    _, images = ddpo.sample(models, prompts, ddpo.parse_args([]), torch.Generator().manual_seed(0), 32)
+    _, images = ddpo.sample(models, prompts, ddpo.parse_args([]), ddpo.noise_generators(0, range(32)), 32)
     assert palette_accuracy(images, prompts) >= 0.9  # measured: 1.0 at w = 1, 3 and 5 on 48 prompts
     sizes = rewards.jpeg_kilobytes(images)
     assert sizes.std() / sizes.mean() > 0.03
@@ -778,7 +778,7 @@ def test_empty_prompt_file_is_an_error(tmp_path, main_error):
 
 
 FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume eval
-eval-prompts device samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
+eval-prompts device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
 adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
 rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
 pickscore-processor imagereward-model imagereward-tokenizer export""".split()

@@ -99,7 +99,7 @@ def test_dpok_kl_under_lora_is_to_the_base_model_loaded_on_its_own(sd_dir):
     lora = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4)
     args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "3", "--kl-coef", "0.1"])
     base.scheduler.set_timesteps(3)
-    traj = ddpo.rollout(lora, ["cat", "dog"], args, torch.Generator().manual_seed(1))
+    traj = ddpo.rollout(lora, ["cat", "dog"], args, ddpo.noise_generators(1, range(2)))
     uncond, rows, steps = ddpo.encode_prompts(lora, [""]), torch.arange(2), torch.tensor([0, 2])
     state = (traj.states[rows, steps], traj.timesteps[steps], traj.cond, uncond.expand(2, -1, -1), args.guidance_scale, args.eta)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_lora_weights_are_fp32_over_a_bf16_base(sd_dir):
 def test_ratio_is_one_at_the_first_minibatch_under_mixed_precision(sd_dir, precision):
     models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision=precision)
     args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "3", "--mixed-precision", precision])
-    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(1))
+    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(1, range(4)))
     assert traj.states.dtype == traj.log_probs.dtype == torch.float32 and traj.states.shape == (4, 4, 4, 8, 8)
     uncond = ddpo.encode_prompts(models, [""]).expand(4, -1, -1)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def one_round(sd_dir, scaler, optimizer_cls=torch.optim.SGD, hook=None, max_grad
     models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4)
     args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
                             "--num-minibatches", "1", "--max-grad-norm", max_grad_norm, *extra])
-    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, torch.Generator().manual_seed(1))
+    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(1, range(4)))
     params = [p for p in models.unet.parameters() if p.requires_grad]
     if hook:
         params[0].register_hook(hook)
@@ -447,7 +447,7 @@ def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path, 
     run = ddpo.load_run_args(tmp_path / "run")
     prompts = random.Random(0).choices(ddpo.load_prompts(run.prompts), k=16)
     base = ddpo.load_models(str(sd_dir), "cpu", mixed_precision=precision)
-    _, images = ddpo.sample(base, prompts, run, torch.Generator().manual_seed(0), 4)
+    _, images = ddpo.sample(base, prompts, run, ddpo.noise_generators(0, range(16), stream=2), 4)
     r, _ = ddpo.compute_rewards(ddpo.load_reward(run), run.reward, images, prompts)
     assert saved["train"]["base_reward_mean"] == r.mean().item()
 

@@ -192,7 +192,7 @@ def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
     for step in bar:
         batch = [("" if rng.random() < p_uncond else prompts[rng.integers(len(prompts))]) for _ in range(batch_size)]
         x0 = torch.from_numpy(np.stack([draw(p, rng) for p in batch]))
-        loss = ddpo.ddpm_loss(models, x0, ddpo.encode_prompts(models, batch), generator).mean()
+        loss = ddpo.ddpm_loss(models, x0, ddpo.encode_prompts(models, batch), *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
