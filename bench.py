@@ -3,16 +3,26 @@
     python bench.py                         # the tiny model and a tiny SD-style pipeline, on this machine
     python bench.py --models sd14 --device cuda --mixed-precision fp16 --lora-rank 4 --batch-size 1
     python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
+    python bench.py --processes 1,2                 # whole epochs of ddpo.py by 1 and 2 processes (torchrun)
 
 For each model: seconds per round split into sampling / reward / training, samples per second, peak memory,
 and the time of ddpo.rollout (DDIM step + exact log-prob, trajectory stored) relative to a plain diffusers
 DDIM sampling loop on the same model and steps (target: ≤ 1.05x). 'sd14' builds Stable Diffusion v1.4's exact
 UNet / VAE / text-encoder configuration with random weights: speed and memory do not depend on the weights'
 values, and no hub download is needed.
+
+--processes N,M,…: samples per second of whole training epochs (sampling + reward + training, without the
+per-epoch eval) of `python ddpo.py` with its defaults on the tiny model, run by one plain process and by torchrun
+with N processes. On CPU the cores are shared: each of N processes gets cores / N threads. With --device cuda,
+each process gets its own GPU.
 """
 import argparse
+import json
+import os
 import random
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,12 +103,13 @@ def bench(name, path, opts):
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
 
     loaded = peak_gib(cuda)  # loading: on CPU also the fp32 weights read before the cast to --mixed-precision
-    ddpo.rollout(models, prompts, args, g())  # warm-up (kernels, allocator)
+    noise = lambda: ddpo.noise_generators(0, range(len(prompts)))  # noqa: E731
+    ddpo.rollout(models, prompts, args, noise())  # warm-up (kernels, allocator)
     plain_s, ours_s = [], []
     for _ in range(opts.repeats):  # alternated, and the fastest of each kept: the machine's drift hits both alike
         plain_s.append(timed(lambda: plain_diffusers_loop(models, prompts, args, g()), args.device)[0])
         reset_peak(cuda)
-        t, traj = timed(lambda: ddpo.rollout(models, prompts, args, g()), args.device)
+        t, traj = timed(lambda: ddpo.rollout(models, prompts, args, noise()), args.device)
         ours_s.append(t)
     plain, ours = min(plain_s), min(ours_s)
     images = ddpo.decode(models, traj.states[:, -1])
@@ -116,6 +127,27 @@ def bench(name, path, opts):
           f"{opts.batch_size / round_s:.2f} samples/s | peak {peak} | rollout / plain diffusers loop {ours / plain:.3f}x")
 
 
+def bench_processes(counts, opts):
+    """samples/s of ddpo.py's epochs 2…E (epoch 1 warms up), by 1 plain process or N torchrun processes."""
+    cores = os.cpu_count() or 1
+    for n in counts:
+        with tempfile.TemporaryDirectory() as out:
+            launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else [])
+            argv = [str(Path(__file__).with_name("ddpo.py")), "--epochs", str(opts.epochs), "--out-dir", out, "--run-name", "r",
+                    "--device", opts.device, "--mixed-precision", opts.mixed_precision]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+            start = time.time()
+            done = subprocess.run(launcher + argv, env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{n} process(es) failed:\n{done.stderr[-2000:]}")
+            rows = [json.loads(line) for line in (Path(out) / "r" / "metrics.jsonl").read_text().splitlines()][2:]
+            epoch_s = sum(r["time/sample_s"] + r["time/reward_s"] + r["time/train_s"] for r in rows) / len(rows)
+            samples = ddpo.Args().samples_per_epoch
+            print(f"{n} process(es) x {env['OMP_NUM_THREADS'] if opts.device == 'cpu' else 1} thread(s) | "
+                  f"{epoch_s:.2f} s per epoch of {samples} samples, without eval | {samples / epoch_s:.2f} samples/s | "
+                  f"whole command {time.time() - start:.0f} s")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,tiny-sd",
@@ -127,10 +159,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5, help="rollouts timed per loop, alternating (the fastest is printed)")
+    p.add_argument("--processes", help="comma-separated process counts, e.g. 1,2: time ddpo.py's epochs under torchrun "
+                                       "instead of the models above")
+    p.add_argument("--epochs", type=int, default=4, help="with --processes: epochs per command (the first is not timed)")
     opts = p.parse_args()
     runfiles.quiet_libraries()
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
+    if opts.processes:
+        return bench_processes([int(n) for n in opts.processes.split(",")], opts)
     for name in opts.models.split(","):
         if name in ("tiny-sd", "sd14"):  # random weights with the real shapes: built here, so this process's peak includes the build
             path = tiny_world.save_sd_style_pipeline(Path(opts.save_to or tempfile.mkdtemp()) / name, name == "sd14")
