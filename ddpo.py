@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import rewards as rewards_lib
 import runfiles
-from runfiles import (Agreed, ArgumentParser, CollectiveFailed, HelpFormatter, RunError, bars, check_scheduler,
+from runfiles import (ArgumentParser, CollectiveFailed, HelpFormatter, RunError, bars, check_scheduler,
                       checkpoints, compute_rewards, distributed, fail, gather_objects, is_run, latest_checkpoint,
                       load_checkpoint, load_run_args, load_trainable, read_prompt_file, save_checkpoint, together)
 
@@ -523,11 +523,13 @@ def sum_gradients(params):
     """Add up the processes' gradients (all-reduce). A process's loss is its samples' share of the whole minibatch's
     mean (divided by the minibatch's size, not by its own count), so the sum is the gradient of that mean."""
     if distributed()[1] > 1:
-        for p in params:
-            if p.grad is None:  # a process that had none of this minibatch's samples
-                p.grad = torch.zeros_like(p)
         with runfiles.collective():
-            for work in [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]:
+            have = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+            torch.distributed.all_reduce(have)  # how many processes hold each parameter's gradient
+            for p, n in zip(params, have.tolist()):
+                if n and p.grad is None:  # a process that had none of this minibatch's samples adds zeros
+                    p.grad = torch.zeros_like(p)
+            for work in [torch.distributed.all_reduce(p.grad, async_op=True) for p in params if p.grad is not None]:
                 work.wait()
 
 
@@ -721,6 +723,8 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
     same minibatches and timesteps of the whole round and trains on its own samples in them.
     """
     scaler = scaler or loss_scaler(args)  # train() passes its own, whose scale carries over from round to round
+    if scaler.is_enabled():  # creates the scale tensor, also on a process that trains no sample of a minibatch
+        scaler.scale(torch.zeros((), device=models.device))
     B, T = advantages.shape[0], traj.log_probs.shape[1]  # B: the whole round's samples
     first = distributed()[0] * len(traj.prompts)  # this process holds samples first … first + len(traj.prompts) − 1
     rwr = args.algo.startswith("rwr")
@@ -746,7 +750,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
                 continue
             mine = minibatch[(minibatch >= first) & (minibatch < first + len(traj.prompts))]  # round indices
             with together():  # a non-finite loss on any process stops all of them here
-                for chunk in mine.split(args.train_batch_size):
+                for chunk in mine.split(args.train_batch_size) if len(mine) else ():  # split([]) is one empty chunk
                     rows = chunk - first  # the same samples as rows of this process's traj
                     share = len(chunk) / len(minibatch)  # chunks (on all processes) add up to the minibatch's mean
                     if rwr:  # one-step MDP: the DDPM loss on the final sample x_0 = states[:, -1]
@@ -786,7 +790,8 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
             if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():  # one sync, not one a tensor
                 bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
                 raise NonFinite(f"non-finite weights ({bad}) after {where}")
-            bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
+            if logs["loss"]:
+                bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
     bar.close()
     logs = {k: sum((part[k] for part in gather_objects(logs)), []) for k in logs}  # every process's passes
     return {k: float(np.mean(v)) for k, v in logs.items() if v}
@@ -907,7 +912,6 @@ def train(args, reward_fn=None):
                 t2 = time.time()
                 logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
                 t3 = time.time()
-                stop = any(gather_objects(ctrl_c.requested))  # Ctrl-C on any process: all stop after this epoch
                 with together():  # process 0 evaluates and writes; a full disk there stops every process
                     if rank == 0:
                         log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
@@ -918,6 +922,8 @@ def train(args, reward_fn=None):
                         if epochs.disable:  # no terminal (a log file, a batch job): one line per epoch instead of bars
                             print(f"epoch {epoch}/{args.epochs}: reward {r.mean().item():.4g}, eval "
                                   f"{history[-1]['eval/reward_mean']:.4g} ({time.time() - t0:.1f} s)", flush=True)
+                stop = any(gather_objects(ctrl_c.requested))  # Ctrl-C on any process: all stop after this epoch
+                with together():
                     if rank == 0 and (epoch % args.save_every == 0 or epoch == args.epochs or stop):
                         save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler, value)
                 if stop and epoch < args.epochs:
@@ -927,8 +933,8 @@ def train(args, reward_fn=None):
         fail(f"process {rank}: a collective did not complete in epoch {epoch} ({e}): another process stopped, or "
              f"took longer than --collective-timeout {args.collective_timeout:g} s")
     except (RunError, OSError) as e:  # a full disk while writing metrics or grids is an OSError
-        if isinstance(e, Agreed) and rank > 0:
-            sys.exit(1)  # process 0 says it
+        if rank > 0:  # shared by together(), or raised alike on every process (a summed gradient): process 0 says it
+            sys.exit(1)
         kept = checkpoints(run_dir)
         what = e if isinstance(e, RunError) else runfiles.why(e)
         fail(f"{what} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with --resume {run_dir}"

@@ -193,18 +193,20 @@ def start_processes(args):
     import dataclasses
     import datetime
 
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or torch.distributed.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return args
-    if args.device == "cuda":
+    if args.device.startswith("cuda"):  # also a resumed run's saved cuda:0
         args = dataclasses.replace(args, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-    if args.device.startswith("cuda"):
         torch.cuda.set_device(args.device)
     try:
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                                             timeout=datetime.timedelta(seconds=args.collective_timeout))
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                                                 timeout=datetime.timedelta(seconds=args.collective_timeout))
+        names = [args.run_name]  # the default name holds the time, which differs from process to process
+        torch.distributed.broadcast_object_list(names, src=0)
     except Exception as e:  # an unreachable rendezvous, a timeout
         fail(f"process {os.environ.get('RANK')}: cannot join the other processes ({why(e)})")
-    return args
+    return dataclasses.replace(args, run_name=names[0])
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -21,11 +21,16 @@ HERE = Path(__file__).resolve().parent
 COMMON = ["--epochs", "2", "--num-steps", "3", "--samples-per-epoch", "8", "--samples-per-prompt", "2",
           "--sample-batch-size", "4", "--prompts", "simple_animals", "--device", "cpu", "--seed", "3",
           "--buffer-size", "4", "--min-count", "4", "--save-every", "1", "--reward", "test_distributed:brightness"]
-CASES = {  # DDPO_IS with two minibatches of 4 accumulated in chunks of ≤ 3 (per-prompt advantages, groups of 2);
-    # SF with batch advantages (the whole round's statistics); RWR; DPOK's KL and value baseline
-    "is": ["--algo", "is", "--num-minibatches", "2", "--train-batch-size", "3"],
+CASES = {
+    # DDPO_IS: 12 samples, two minibatches of 6 accumulated in chunks of ≤ 4; per-prompt groups of 4, so samples
+    # 4-7 form a group that spans the two processes; each process samples its 6 in batches of 4 and 2
+    "is": ["--algo", "is", "--samples-per-epoch", "12", "--samples-per-prompt", "4", "--num-minibatches", "2",
+           "--train-batch-size", "4"],
+    # SF with batch advantages (the whole round's statistics)
     "sf": ["--algo", "sf", "--train-batch-size", "2", "--advantage", "batch"],
-    "rwr": ["--algo", "rwr", "--num-minibatches", "2", "--train-batch-size", "2"],
+    # RWR under fp16 loss scaling, in minibatches of 2: some hold no sample of one of the processes
+    "rwr": ["--algo", "rwr", "--num-minibatches", "4", "--train-batch-size", "2", "--mixed-precision", "fp16"],
+    # DPOK's KL and value baseline
     "dpok": ["--algo", "is", "--num-minibatches", "2", "--advantage", "value", "--kl-coef", "0.5", "--value-steps", "2",
              "--value-lr", "1e-2"],
 }
@@ -142,10 +147,11 @@ def test_two_processes_take_the_update_of_one(records, case):
     for epoch, (a, b0, b1) in enumerate(zip(one, p0, p1), 1):
         where = f"{case}, epoch {epoch}"
         # epoch 1 samples from the same weights: equal to rounding; epoch 2 from weights that differ by rounding
-        # (see below), which moves samples by up to ~1e-4
-        close = dict(atol=1e-6, rtol=0) if epoch == 1 else dict(atol=5e-4, rtol=0)
+        # (see below), which moves samples by up to ~1e-4, and under fp16 (whose rounding depends on how a
+        # minibatch is cut into chunks) by up to ~1e-2 (measured: 0.011)
+        close = dict(atol=1e-6 if epoch == 1 else 2e-2 if "fp16" in CASES[case] else 5e-4, rtol=0)
         assert b0["prompts"] + b1["prompts"] == a["prompts"], f"{where}: the processes drew other prompts"
-        assert len(b0["x0"]) == len(b1["x0"]) == 4, f"{where}: each process samples half the round"
+        assert len(b0["x0"]) == len(b1["x0"]) == len(a["x0"]) // 2, f"{where}: each process samples half the round"
         torch.testing.assert_close(torch.cat([b0["x0"], b1["x0"]]), a["x0"], **close,
                                    msg=f"{where}: the two processes' samples are not the one process's")
         for b in (b0, b1):
