@@ -240,10 +240,12 @@ def ddim_step(scheduler, model_output, x_t, t, eta):
         raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported")
     if scheduler.config.clip_sample:
         x0_hat = x0_hat.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    # exercise 1: begin
     # DDIM eq. (16): σ_t = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1})
     sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt() * (1 - alpha_bar / alpha_bar_prev).sqrt()
     # DDIM eq. (12): μ = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ_t²) ε̂
     mean = alpha_bar_prev.sqrt() * x0_hat + (1 - alpha_bar_prev - sigma_t**2).sqrt() * eps
+    # exercise 1: end
     return mean, sigma_t
 
 
@@ -255,9 +257,11 @@ def gaussian_log_prob(x_prev, mean, sigma_t):
     average over D dimensions is log π / D, so every ratio here is (π_θ/π_θold)^(1/D): DDPO_IS's clip range
     ε = 1e-4 bounds that per-dimension ratio, and the whole-image ratio may move by up to (1 ± ε)^D.
     """
+    # exercise 2: begin
     x_prev, mean = x_prev.detach().float(), mean.float()
     log_prob = -((x_prev - mean) ** 2) / (2 * sigma_t**2) - torch.log(sigma_t) - 0.5 * math.log(2 * math.pi)
     return log_prob.mean(dim=tuple(range(1, x_prev.ndim)))  # (B,)
+    # exercise 2: end
 
 
 def gaussian_kl(mean, mean_pre, sigma_t):
@@ -267,8 +271,10 @@ def gaussian_kl(mean, mean_pre, sigma_t):
     over t, in expectation over θ's own trajectories, it bounds KL(p_θ(x_0|c) ‖ p_pre(x_0|c)). Both Gaussians share
     σ_t, so it is this closed form, no sampling. Here the states are the round's (from θ_old) and the trained steps.
     """
+    # exercise 7: begin
     kl = (mean.float() - mean_pre.detach().float()) ** 2 / (2 * sigma_t**2)
     return kl.mean(dim=tuple(range(1, mean.ndim)))  # (B,)
+    # exercise 7: end
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -558,6 +564,7 @@ class PerPromptStatTracker:
 
     def __call__(self, prompts, rewards):
         """Advantages (B,), and the fraction of samples normalised by their own prompt's statistics."""
+        # exercise 3: begin
         rewards, prompts = np.asarray(rewards, dtype=np.float64), np.asarray(prompts)
         advantages, own = np.empty_like(rewards), 0
         for prompt in np.unique(prompts):
@@ -571,6 +578,7 @@ class PerPromptStatTracker:
             own += mine.sum() if stats is not rewards else 0
             advantages[mine] = (rewards[mine] - stats.mean()) / (stats.std() + 1e-6)
         return torch.tensor(advantages, dtype=torch.float32), own / len(rewards)
+        # exercise 3: end
 
 
 def compute_advantages(tracker, prompts, rewards, args):
@@ -645,7 +653,9 @@ def fit_value(value, optimizer, traj, rewards, args):
 
 def ddpo_sf_loss(log_prob, advantages):
     """DDPO_SF (REINFORCE, §4.4): ∇ loss = −E[A ∇_θ log π_θ(x_{t-1} | x_t, c)]; data must come from the current θ."""
+    # exercise 4: begin
     return -(advantages * log_prob).mean()
+    # exercise 4: end
 
 
 def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
@@ -654,6 +664,7 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
     The max of the two losses is the pessimistic one: once the ratio has left [1−ε, 1+ε] in the direction the
     advantage pushes it, the loss is flat and that sample gives no gradient. Returns loss, approx_kl, clipfrac.
     """
+    # exercise 5: begin
     logratio = log_prob - old_log_prob
     ratio = torch.exp(logratio)
     pg_loss1 = -advantages * ratio
@@ -663,18 +674,23 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
         approx_kl = 0.5 * (logratio**2).mean()
         clipfrac = ((ratio - 1).abs() > clip_range).float().mean()
     return loss, approx_kl, clipfrac
+    # exercise 5: end
 
 
 def rwr_exponential_weights(x, beta):
     """RWR (§4.2): w = exp(β x) / Z, with Z making the weights average 1 over the round. x is the reward r, as in
     the paper, or the normalised advantage A (--rwr-weights)."""
+    # exercise 6: begin
     return torch.softmax(beta * x, dim=0) * len(x)
+    # exercise 6: end
 
 
 def rwr_sparse_weights(rewards, threshold):
     """Sparse RWR (§4.2, filtered finetuning): w = 1[r ≥ C], scaled so the loss is the mean over kept samples."""
+    # exercise 6: begin
     keep = (rewards >= threshold).float()
     return keep / keep.mean() if keep.any() else keep
+    # exercise 6: end
 
 
 def rwr_weights(args, rewards, advantages):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-D, P, R, T = "test_ddpo.py::", "test_paper_setup.py::", "test_rewards.py::", "test_distributed.py::"
+D, P, R, T, E = "test_ddpo.py::", "test_paper_setup.py::", "test_rewards.py::", "test_distributed.py::", "test_exercises.py::"
 
 # (name, file, the right code, the wrong version, the tests that must catch it)
 MUTANTS = [
@@ -180,6 +180,48 @@ MUTANTS = [
     ("--eval samples in the command's precision", "ddpo.py",
      "args.mixed_precision = load_run_args(args.eval).mixed_precision", "pass",
      [D + "test_a_run_as_model_keeps_its_lora_rank_and_eval_its_precision"]),
+    # the course kit's graded tests (test_exercises.py) catch the usual wrong versions on their own
+    ("exercise 1: sigma_t without eta", "ddpo.py", "sigma_t = eta * ((1", "sigma_t = ((1",
+     [E + "test_exercise_1_sigma_is_the_noise_diffusers_adds"]),
+    ("exercise 1: sigma_t squared (the variance)", "ddpo.py", "* (1 - alpha_bar / alpha_bar_prev).sqrt()\n",
+     "* (1 - alpha_bar / alpha_bar_prev)\n", [E + "test_exercise_1_sigma_is_the_noise_diffusers_adds"]),
+    ("exercise 1: the mean drops sigma_t^2 from the direction", "ddpo.py",
+     "(1 - alpha_bar_prev - sigma_t**2).sqrt() * eps", "(1 - alpha_bar_prev).sqrt() * eps",
+     [E + "test_exercise_1_mean_is_the_diffusers_step_without_its_noise"]),
+    ("exercise 2: log-prob summed over dimensions", "ddpo.py", "return log_prob.mean(dim=tuple(range(1, x_prev.ndim)))",
+     "return log_prob.sum(dim=tuple(range(1, x_prev.ndim)))",
+     [E + "test_exercise_2_log_prob_is_the_gaussian_density_averaged_over_dimensions"]),
+    ("exercise 2: sigma instead of sigma^2", "ddpo.py", "-((x_prev - mean) ** 2) / (2 * sigma_t**2)",
+     "-((x_prev - mean) ** 2) / (2 * sigma_t)",
+     [E + "test_exercise_2_log_prob_is_the_gaussian_density_averaged_over_dimensions"]),
+    ("exercise 2: gradient into the action", "ddpo.py", "x_prev, mean = x_prev.detach().float(), mean.float()",
+     "x_prev, mean = x_prev.float(), mean.float()", [E + "test_exercise_2_gradient_flows_into_the_mean_only"]),
+    ("exercise 3: no division by the std", "ddpo.py",
+     "advantages[mine] = (rewards[mine] - stats.mean()) / (stats.std() + 1e-6)",
+     "advantages[mine] = rewards[mine] - stats.mean()", [E + "test_exercise_3_each_prompt_is_normalised_by_its_own_rewards"]),
+    ("exercise 3: the buffer is never truncated", "ddpo.py", "buffer[:] = (buffer + rewards[mine].tolist())[-self.buffer_size:]",
+     "buffer[:] = buffer + rewards[mine].tolist()", [E + "test_exercise_3_the_buffer_keeps_the_last_buffer_size_rewards"]),
+    ("exercise 3: groups ignored (batch statistics)", "ddpo.py",
+     "stats = rewards[mine] if self.group_size > 1 else rewards", "stats = rewards",
+     [E + "test_exercise_3_groups_of_a_prompt_normalise_by_the_group"]),
+    ("exercise 4: DDPO_SF without the minus sign", "ddpo.py", "return -(advantages * log_prob).mean()",
+     "return (advantages * log_prob).mean()", [E + "test_exercise_4_the_loss_descends_towards_higher_advantage"]),
+    ("exercise 4: DDPO_SF summed over samples", "ddpo.py", "return -(advantages * log_prob).mean()",
+     "return -(advantages * log_prob).sum()", [E + "test_exercise_4_the_loss_descends_towards_higher_advantage"]),
+    ("exercise 5: the clip on the wrong side (min)", "ddpo.py", "loss = torch.max(pg_loss1, pg_loss2).mean()",
+     "loss = torch.min(pg_loss1, pg_loss2).mean()", [E + "test_exercise_5_the_clip_is_pessimistic"]),
+    ("exercise 5: ratio not clipped", "ddpo.py", "pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)",
+     "pg_loss2 = -advantages * ratio", [E + "test_exercise_5_the_clip_is_pessimistic"]),
+    ("exercise 5: clipfrac counts within the range", "ddpo.py", "clipfrac = ((ratio - 1).abs() > clip_range).float().mean()",
+     "clipfrac = ((ratio - 1).abs() <= clip_range).float().mean()", [E + "test_exercise_5_approx_kl_and_clipfrac"]),
+    ("exercise 6: exponential weights not normalised", "ddpo.py", "return torch.softmax(beta * x, dim=0) * len(x)",
+     "return torch.exp(beta * x)", [E + "test_exercise_6_exponential_weights_average_one"]),
+    ("exercise 6: sparse weights not rescaled", "ddpo.py", "return keep / keep.mean() if keep.any() else keep",
+     "return keep", [E + "test_exercise_6_sparse_weights_keep_the_rewards_at_or_above_c"]),
+    ("exercise 7: KL summed over dimensions", "ddpo.py", "return kl.mean(dim=tuple(range(1, mean.ndim)))",
+     "return kl.sum(dim=tuple(range(1, mean.ndim)))", [E + "test_exercise_7_kl_is_the_gaussians_kl_averaged_over_dimensions"]),
+    ("exercise 7: gradient into the pretrained mean", "ddpo.py", "kl = (mean.float() - mean_pre.detach().float())",
+     "kl = (mean.float() - mean_pre.float())", [E + "test_exercise_7_gradient_flows_into_the_fine_tuned_mean_only"]),
     # several processes (torchrun): N processes take the update of one
     ("each process averages its own samples, then gradients are summed (N x the update)", "ddpo.py",
      "share = len(chunk) / len(minibatch)", "share = len(chunk) / len(mine)",

@@ -1,0 +1,293 @@
+"""The graded tests of the course kit (make_exercises.py, EXERCISES.md): one group per exercise.
+
+    python -m pytest -q test_exercises.py -k exercise_5      # grade exercise 5 only
+
+Each exercise's tests call only that exercise's function and compare it with an independent reference:
+diffusers' own DDIM step, torch.distributions, a toy problem whose gradient is known, or numbers worked out by
+hand (in the comments). A failure says what is wrong in the terms of the paper. In the full project these tests
+pass on the reference ddpo.py and run with the rest of the suite.
+"""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import ddpo
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 1: the DDIM step's σ_t and mean μ (paper §3.1; DDIM eq. 12 and 16)
+# --------------------------------------------------------------------------------------------------------
+
+def sd_scheduler(steps=20):
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      set_alpha_to_one=False, steps_offset=1)
+    s.set_timesteps(steps)
+    return s
+
+
+def diffusers_step(sched, eps, x_t, t, eta, z):
+    return sched.step(eps, t, x_t, eta=eta, variance_noise=z).prev_sample
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_exercise_1_sigma_is_the_noise_diffusers_adds(eta):
+    sched = sd_scheduler()
+    g = torch.Generator().manual_seed(0)
+    for t in sched.timesteps[[0, 10, -1]]:  # the first, a middle and the last step (ᾱ_{t−1} = final ᾱ there)
+        x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        ones, zeros = torch.ones_like(x_t), torch.zeros_like(x_t)
+        expected = (diffusers_step(sched, eps, x_t, t, eta, ones) - diffusers_step(sched, eps, x_t, t, eta, zeros))[0, 0, 0, 0]
+        _, sigma = ddpo.ddim_step(sched, eps, x_t, t.expand(2), eta)
+        sigma = torch.as_tensor(sigma).flatten()[0]
+        hint = ""
+        if close(sigma, expected / eta, 1e-4) and eta != 1:
+            hint = " It is right for η = 1: σ_t must scale with η."
+        elif close(sigma, expected**2, 1e-6):
+            hint = " That is the variance σ_t²; return its square root."
+        assert close(sigma, expected, 1e-5), (f"σ_t at t = {t.item()}, η = {eta}: you return {sigma.item():.6g}, the "
+                                              f"noise scale DDIMScheduler.step adds is {expected.item():.6g}.{hint}")
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_exercise_1_mean_is_the_diffusers_step_without_its_noise(eta):
+    sched = sd_scheduler()
+    g = torch.Generator().manual_seed(1)
+    for t in sched.timesteps[[0, 7, -1]]:
+        x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        expected = diffusers_step(sched, eps, x_t, t, eta, torch.zeros_like(x_t))
+        mean, _ = ddpo.ddim_step(sched, eps, x_t, t.expand(2), eta)
+        error = (mean - expected).abs().max().item()
+        hint = " At η = 0 it is right: the direction term pointing to x_t must shrink as σ_t grows." if eta else ""
+        assert error < 1e-5, (f"μ at t = {t.item()}, η = {eta} differs from DDIMScheduler.step with zero noise by "
+                              f"up to {error:.3g}.{hint}")
+
+
+def test_exercise_1_mean_plus_sigma_times_noise_is_the_diffusers_step():
+    sched = sd_scheduler()
+    g = torch.Generator().manual_seed(2)
+    t = sched.timesteps[3]
+    x_t, eps, z = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    mean, sigma = ddpo.ddim_step(sched, eps, x_t, t.expand(2), 1.0)
+    error = (mean + sigma * z - diffusers_step(sched, eps, x_t, t, 1.0, z)).abs().max().item()
+    assert error < 1e-5, f"x_(t-1) = μ + σ_t z must be DDIMScheduler.step's sample for the same noise z (off by {error:.3g})"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 2: log π(x_{t-1} | x_t, c), averaged over dimensions (paper §3.1 eq. 2, §4.3)
+# --------------------------------------------------------------------------------------------------------
+
+def test_exercise_2_log_prob_is_the_gaussian_density_averaged_over_dimensions():
+    g = torch.Generator().manual_seed(3)
+    x, mean = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    sigma = torch.tensor([0.3, 0.7, 1.2]).view(3, 1, 1, 1)  # one σ_t per sample, as ddim_step returns it
+    got = ddpo.gaussian_log_prob(x, mean, sigma)
+    assert got.shape == (3,), f"one log-prob per sample: shape (3,), not {tuple(got.shape)}"
+    expected = Normal(mean, sigma).log_prob(x).mean(dim=(1, 2, 3))  # the reference: torch.distributions
+    hint = ""
+    if close(got, expected * 100, 1e-4):
+        hint = " Yours is 100 times too large: you summed over the C·H·W = 100 dimensions; average them."
+    elif close(got, Normal(mean, sigma.sqrt()).log_prob(x).mean(dim=(1, 2, 3)) - 0.5 * torch.log(sigma).view(3), 1e-4):
+        hint = " The exponent must divide the squared distance by 2σ², not 2σ."
+    assert close(got, expected, 1e-5), (f"log π = {got.tolist()}, torch.distributions.Normal gives "
+                                        f"{expected.tolist()} (averaged over dimensions).{hint}")
+
+
+def test_exercise_2_gradient_flows_into_the_mean_only():
+    x = torch.randn(2, 3, 4, 4).requires_grad_()
+    mean = torch.randn(2, 3, 4, 4).requires_grad_()
+    ddpo.gaussian_log_prob(x, mean, torch.tensor(0.5)).sum().backward()
+    assert x.grad is None or not x.grad.any(), \
+        "x_(t-1) is the action already taken, a constant: no gradient may flow into it"
+    reference = mean.detach().clone().requires_grad_()
+    Normal(reference, 0.5).log_prob(x.detach()).mean(dim=(1, 2, 3)).sum().backward()
+    assert mean.grad is not None and close(mean.grad, reference.grad), "the gradient with respect to μ is not the density's"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 3: per-prompt advantages (paper §4.4)
+# --------------------------------------------------------------------------------------------------------
+
+def spread(values):
+    values = torch.as_tensor(values, dtype=torch.float64)
+    return values.mean().item(), values.std(unbiased=False).item()
+
+
+def test_exercise_3_each_prompt_is_normalised_by_its_own_rewards():
+    tracker = ddpo.PerPromptStatTracker(buffer_size=16, min_count=4)
+    prompts = ["cat"] * 4 + ["dog"] * 4
+    advantages, own = tracker(prompts, [1.0, 2.0, 3.0, 4.0, 100.0, 110.0, 120.0, 130.0])
+    assert isinstance(advantages, torch.Tensor) and advantages.shape == (8,), "return the advantages as a (B,) tensor"
+    for name, part in (("cat", advantages[:4]), ("dog", advantages[4:])):
+        m, s = spread(part)
+        assert abs(m) < 1e-4 and abs(s - 1) < 1e-3, (f"{name}'s advantages have mean {m:.3g} and std {s:.3g} over "
+                                                      f"its own 4 samples: each prompt must be normalised by its own "
+                                                      f"rewards (mean 0, std 1), not by the batch's")
+    assert own == 1.0, f"all 8 samples used their own prompt's statistics: the fraction must be 1, not {own}"
+
+
+def test_exercise_3_a_prompt_with_few_rewards_uses_the_batch():
+    tracker = ddpo.PerPromptStatTracker(buffer_size=16, min_count=5)  # nobody has 5 rewards yet; one sample a prompt
+    rewards = [1.0, 2.0, 3.0, 4.0, 100.0, 110.0, 120.0, 130.0]
+    advantages, own = tracker(["cat"] * 4 + ["dog"] * 4, rewards)
+    m, s = spread(advantages)
+    assert abs(m) < 1e-4 and abs(s - 1) < 1e-3, (f"with fewer than min_count rewards (and no groups) every sample must "
+                                                  f"be normalised by the whole batch: mean {m:.3g}, std {s:.3g} over it")
+    assert advantages[0] < advantages[4], "a cat at reward 1 must be below a dog at reward 100 when the batch normalises"
+    assert own == 0.0, f"no sample used its own prompt's statistics: the fraction must be 0, not {own}"
+
+
+def test_exercise_3_groups_of_a_prompt_normalise_by_the_group():
+    tracker = ddpo.PerPromptStatTracker(buffer_size=16, min_count=16, group_size=4)
+    advantages, own = tracker(["cat"] * 4 + ["dog"] * 4, [1.0, 2.0, 3.0, 4.0, 100.0, 110.0, 120.0, 130.0])
+    for name, part in (("cat", advantages[:4]), ("dog", advantages[4:])):
+        m, s = spread(part)
+        assert abs(m) < 1e-4 and abs(s - 1) < 1e-3, (f"group_size = 4: before its buffer holds min_count rewards, "
+                                                      f"{name}'s group must be normalised by its own 4 rewards "
+                                                      f"(mean {m:.3g}, std {s:.3g})")
+    assert own == 1.0, f"every sample was normalised by its own prompt's group: the fraction must be 1, not {own}"
+
+
+def test_exercise_3_the_buffer_keeps_the_last_buffer_size_rewards():
+    tracker = ddpo.PerPromptStatTracker(buffer_size=4, min_count=4)
+    tracker(["cat", "cat"], [1.0, 3.0])
+    tracker(["cat", "cat"], [5.0, 7.0])  # buffer 1, 3, 5, 7: mean 4, std √5
+    advantages, _ = tracker(["cat", "cat"], [9.0, 11.0])  # buffer 5, 7, 9, 11: mean 8, std √5
+    expected = [1 / math.sqrt(5), 3 / math.sqrt(5)]  # 0.447, 1.342
+    assert close(advantages, expected, 1e-4), (f"after rewards 1, 3 | 5, 7 | 9, 11 with buffer_size = 4 the third "
+                                               f"round's advantages must be {[round(e, 3) for e in expected]} (the "
+                                               f"buffer keeps the prompt's last 4 rewards, this round's included), "
+                                               f"not {[round(a, 3) for a in advantages.tolist()]}")
+
+
+def test_exercise_3_equal_rewards_give_zero_not_nan():
+    advantages, _ = ddpo.PerPromptStatTracker(buffer_size=16, min_count=2)(["cat"] * 3, [2.0, 2.0, 2.0])
+    assert torch.isfinite(advantages).all() and not advantages.any(), \
+        f"a prompt whose rewards are all equal must get advantages 0 (guard the division by its std), not {advantages.tolist()}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 4: DDPO_SF (paper §4.4)
+# --------------------------------------------------------------------------------------------------------
+
+def test_exercise_4_the_loss_descends_towards_higher_advantage():
+    log_prob = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    loss = ddpo.ddpo_sf_loss(log_prob, torch.tensor([2.0, -1.0, 0.5]))
+    assert loss.ndim == 0, "the loss must be one number"
+    loss.backward()
+    expected = [-2 / 3, 1 / 3, -0.5 / 3]  # worked out by hand for advantages 2, -1, 0.5
+    hint = ""
+    if close(log_prob.grad, [-e for e in expected]):
+        hint = " The sign is reversed: descending the loss must raise log π where A > 0."
+    elif close(log_prob.grad, [3 * e for e in expected]):
+        hint = " It is 3 times too large: average over the samples, do not sum."
+    assert close(log_prob.grad, expected), (f"∂loss/∂log π = {[round(v, 4) for v in log_prob.grad.tolist()]}, "
+                                            f"expected {[round(e, 4) for e in expected]}.{hint}")
+
+
+def test_exercise_4_the_gradient_is_the_policy_gradient_of_a_toy_problem():
+    # one-step policy a ~ N(μ, 0.5²), reward r(a) = −(a − 3)²: E[r] = −(μ − 3)² − 0.25, so ∂E[r]/∂μ = 4 at μ = 1
+    mu = torch.tensor(1.0, requires_grad=True)
+    a = (mu + 0.5 * torch.randn(200_000, generator=torch.Generator().manual_seed(4))).detach()
+    log_prob = Normal(mu, 0.5).log_prob(a)
+    ddpo.ddpo_sf_loss(log_prob, -(a - 3) ** 2).backward()
+    assert abs(mu.grad.item() + 4) < 0.1, (f"on the toy problem the gradient of your loss with respect to μ is "
+                                           f"{mu.grad.item():.3f}; the exact −∂E[r]/∂μ is −4 (descending the loss "
+                                           f"must climb the expected reward)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 5: DDPO_IS with PPO's clip (paper §4.4)
+# --------------------------------------------------------------------------------------------------------
+
+def test_exercise_5_at_the_old_policy_the_ratio_is_one_and_the_update_is_sfs():
+    old = torch.tensor([-1.0, -2.0, -0.5])
+    log_prob = old.clone().requires_grad_()
+    loss, approx_kl, clipfrac = ddpo.ddpo_is_loss(log_prob, old, torch.tensor([1.0, -2.0, 0.5]), 1e-4)
+    loss.backward()
+    assert close(loss, 1 / 6), f"at θ = θ_old (ratio 1) the loss for advantages 1, -2, 0.5 is 1/6, not {loss.item():.4g}"
+    expected = [-1 / 3, 2 / 3, -0.5 / 3]
+    assert close(log_prob.grad, expected), (f"at ratio 1 the gradient must be DDPO_SF's: ∂loss/∂log π = "
+                                            f"{[round(e, 4) for e in expected]}, not {[round(v, 4) for v in log_prob.grad.tolist()]}")
+    assert approx_kl.item() == 0 and clipfrac.item() == 0, "the ratio must be 1 when θ = θ_old: approx_kl 0, clipfrac 0"
+
+
+@pytest.mark.parametrize("advantage, ratio, loss, gradient, why", [
+    # loss = the larger (pessimistic) of −A·ratio and −A·clip(ratio, 0.8, 1.2); ∂/∂log π worked out by hand
+    (1.0, 1.5, -1.2, 0.0, "A > 0 and the ratio above 1 + ε: the sample was pushed far enough; no gradient"),
+    (1.0, 0.5, -0.5, -0.5, "A > 0 and the ratio below 1 − ε: the clip must not stop the sample from recovering"),
+    (-1.0, 0.5, 0.8, 0.0, "A < 0 and the ratio below 1 − ε: the sample was pushed far enough; no gradient"),
+    (-1.0, 1.5, 1.5, 1.5, "A < 0 and the ratio above 1 + ε: the clip must not stop the sample from recovering"),
+])
+def test_exercise_5_the_clip_is_pessimistic(advantage, ratio, loss, gradient, why):
+    log_prob = torch.tensor([math.log(ratio)], requires_grad=True)
+    got, _, _ = ddpo.ddpo_is_loss(log_prob, torch.zeros(1), torch.tensor([advantage]), 0.2)
+    got.backward()
+    assert close(got, loss), f"A = {advantage}, ratio = {ratio}, ε = 0.2: the loss must be {loss}, not {got.item():.4g} ({why})"
+    assert close(log_prob.grad, [gradient]), (f"A = {advantage}, ratio = {ratio}, ε = 0.2: ∂loss/∂log π must be "
+                                              f"{gradient}, not {log_prob.grad.item():.4g} ({why})")
+
+
+def test_exercise_5_approx_kl_and_clipfrac():
+    logratio = torch.tensor([0.1, -0.3, 0.0, 0.5])  # ratios 1.105, 0.741, 1, 1.649; ε = 0.2 clips the 2nd and 4th
+    _, approx_kl, clipfrac = ddpo.ddpo_is_loss(logratio, torch.zeros(4), torch.ones(4), 0.2)
+    assert close(approx_kl, 0.04375), f"approx_kl = half the mean squared log-ratio = 0.04375 here, not {float(approx_kl):.5g}"
+    assert close(clipfrac, 0.5), f"clipfrac = the fraction of ratios outside [1 − ε, 1 + ε] = 0.5 here, not {float(clipfrac):.4g}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 6: RWR's weights (paper §4.2)
+# --------------------------------------------------------------------------------------------------------
+
+def test_exercise_6_exponential_weights_average_one():
+    got = ddpo.rwr_exponential_weights(torch.tensor([0.0, math.log(2), math.log(4)]), 1.0)
+    assert close(got, [3 / 7, 6 / 7, 12 / 7]), (f"β = 1, r = 0, ln 2, ln 4: the weights are in the ratio 1 : 2 : 4 and "
+                                                f"average 1, so 3/7, 6/7, 12/7, not {[round(v, 4) for v in got.tolist()]}")
+    got = ddpo.rwr_exponential_weights(torch.tensor([0.0, math.log(2)]), 2.0)
+    assert close(got, [0.4, 1.6]), f"β = 2 squares the ratio: r = 0, ln 2 give 1 : 4, so 0.4, 1.6, not {got.tolist()}"
+    assert close(ddpo.rwr_exponential_weights(torch.tensor([5.0, -3.0, 1.0]), 0.0), [1, 1, 1]), "β = 0 weighs all alike"
+
+
+def test_exercise_6_exponential_weights_do_not_overflow():
+    got = ddpo.rwr_exponential_weights(torch.tensor([1000.0, 1001.0]), 1.0)
+    assert torch.isfinite(got).all() and close(got, [2 / (1 + math.e), 2 * math.e / (1 + math.e)], 1e-4), \
+        f"rewards near 1000 must give finite weights 0.538, 1.462 (Z may be taken after subtracting the largest), not {got.tolist()}"
+
+
+def test_exercise_6_sparse_weights_keep_the_rewards_at_or_above_c():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert close(ddpo.rwr_sparse_weights(rewards, 3.0), [0, 0, 2, 2]), \
+        "C = 3 keeps r = 3 and 4, each weighted so the loss is the mean over the kept samples: 0, 0, 2, 2"
+    assert close(ddpo.rwr_sparse_weights(rewards, 1.0), [1, 1, 1, 1]), "C = 1 keeps every sample: weights 1"
+    got = ddpo.rwr_sparse_weights(rewards, 5.0)
+    assert torch.isfinite(got).all() and not got.any(), f"C = 5 keeps nothing: weights 0 (not NaN), not {got.tolist()}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 7: DPOK's KL (Fan et al. 2023 §4)
+# --------------------------------------------------------------------------------------------------------
+
+def test_exercise_7_kl_is_the_gaussians_kl_averaged_over_dimensions():
+    g = torch.Generator().manual_seed(5)
+    mean, mean_pre = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    sigma = torch.tensor([0.2, 0.5, 1.0]).view(3, 1, 1, 1)
+    got = ddpo.gaussian_kl(mean, mean_pre, sigma)
+    assert got.shape == (3,), f"one KL per sample: shape (3,), not {tuple(got.shape)}"
+    expected = kl_divergence(Normal(mean, sigma), Normal(mean_pre, sigma)).mean(dim=(1, 2, 3))
+    hint = " Yours is 32 times too large: average over the 32 dimensions, as the log-prob does." if close(got, 32 * expected, 1e-4) else ""
+    assert close(got, expected, 1e-5), f"KL = {got.tolist()}, torch.distributions gives {expected.tolist()}.{hint}"
+    assert not ddpo.gaussian_kl(mean, mean, sigma).any(), "the KL of a policy to itself must be 0"
+
+
+def test_exercise_7_gradient_flows_into_the_fine_tuned_mean_only():
+    mean, mean_pre = torch.randn(2, 3, 4, 4).requires_grad_(), torch.randn(2, 3, 4, 4).requires_grad_()
+    ddpo.gaussian_kl(mean, mean_pre, torch.tensor(0.5)).sum().backward()
+    assert mean_pre.grad is None or not mean_pre.grad.any(), "π_pre is fixed: no gradient may flow into μ_pre"
+    assert mean.grad is not None and mean.grad.any(), "the KL must pull μ_θ: its gradient with respect to μ_θ is missing"
