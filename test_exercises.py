@@ -236,10 +236,10 @@ def test_exercise_5_the_clip_is_pessimistic(advantage, ratio, loss, gradient, wh
 
 
 def test_exercise_5_approx_kl_and_clipfrac():
-    logratio = torch.tensor([0.1, -0.3, 0.0, 0.5])  # ratios 1.105, 0.741, 1, 1.649; ε = 0.2 clips the 2nd and 4th
-    _, approx_kl, clipfrac = ddpo.ddpo_is_loss(logratio, torch.zeros(4), torch.ones(4), 0.2)
-    assert close(approx_kl, 0.04375), f"approx_kl = half the mean squared log-ratio = 0.04375 here, not {float(approx_kl):.5g}"
-    assert close(clipfrac, 0.5), f"clipfrac = the fraction of ratios outside [1 − ε, 1 + ε] = 0.5 here, not {float(clipfrac):.4g}"
+    logratio = torch.tensor([0.1, -0.3, 0.0, 0.5, 0.05])  # ratios 1.105, 0.741, 1, 1.649, 1.051; ε = 0.2 clips 2 of 5
+    _, approx_kl, clipfrac = ddpo.ddpo_is_loss(logratio, torch.zeros(5), torch.ones(5), 0.2)
+    assert close(approx_kl, 0.03525), f"approx_kl = half the mean squared log-ratio = 0.03525 here, not {float(approx_kl):.5g}"
+    assert close(clipfrac, 0.4), f"clipfrac = the fraction of ratios outside [1 − ε, 1 + ε] = 0.4 here, not {float(clipfrac):.4g}"
 
 
 # --------------------------------------------------------------------------------------------------------
