@@ -258,9 +258,9 @@ def pytest(root, tests):
     """pytest's exit code on these tests in root (0 passed, 1 a test failed, else an error), and its last lines."""
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                                cwd=root, capture_output=True, text=True, timeout=600)
+                                cwd=root, capture_output=True, text=True, timeout=1500)
     except subprocess.TimeoutExpired:
-        return None, "timed out after 600 s"
+        return None, "timed out after 1500 s"
     return result.returncode, " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
 
 

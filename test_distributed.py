@@ -113,7 +113,7 @@ def worker(out, cases):
         unwrap()
 
 
-def launch(tmp_path, processes, cases, timeout=300):
+def launch(tmp_path, processes, cases, timeout=900):  # fp16 on CPU is slow: a loaded machine took 5 min
     """Runs worker over cases in one plain process, or under torchrun; returns the CompletedProcess."""
     out = tmp_path / f"out{processes}"
     out.mkdir(exist_ok=True)
