@@ -10,7 +10,7 @@ This file reads top to bottom like the paper:
     Args → DDIM step and log-prob (§3.1) → models → MDP rollout (§4.3) → prompts, rewards, advantages (§4.4)
     → the four estimators (§4.2, §4.4) → train() → main.
 
-    python ddpo.py --reward jpeg --algo is              # tiny built-in model, a laptop CPU, ~5 minutes
+    python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~8 minutes
     python ddpo.py --help                                # every flag, with the paper's symbol
     python -m pytest -q                                  # the tests pin every formula with numbers
 """
@@ -35,13 +35,12 @@ import rewards as rewards_lib
 import runfiles
 from runfiles import (ArgumentParser, CollectiveFailed, HelpFormatter, RunError, bars, check_scheduler,
                       checkpoints, compute_rewards, distributed, fail, gather_objects, is_run, latest_checkpoint,
-                      load_checkpoint, load_run_args, load_trainable, read_prompt_file, save_checkpoint, together)
+                      load_checkpoint, load_prompts, load_run_args, load_trainable, save_checkpoint, together)
 
 sys.modules.setdefault("ddpo", sys.modules[__name__])  # run as a script this is __main__; runfiles' --eval imports ddpo
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "tiny_model"  # the built-in pretrained model (see tiny_world.py for how it was made)
-PROMPTS = HERE / "prompts"
 ALGOS = ("sf", "is", "rwr", "rwr-sparse")
 
 
@@ -385,32 +384,9 @@ def ddpm_loss(models, x0, cond, t, noise):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompts: p(c) (paper §5)
+# Prompts: p(c) (paper §5). load_prompts (runfiles.py) reads a set: prompts/<name>.txt, one prompt a line, or
+# "alignment", §5.3's "a(n) [animal] [activity]" over the 45 simple animals and prompts/activities.txt.
 # ----------------------------------------------------------------------------------------------------------
-
-def alignment_prompts(activities_file):
-    """Paper §5.3: "a(n) [animal] [activity]" from the 45 simple animals and a file of activities."""
-    animals = read_prompt_file(PROMPTS / "simple_animals.txt")
-    return [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in animals for act in read_prompt_file(activities_file)]
-
-
-PROMPT_SETS = {  # sets built from two files; every prompts/<name>.txt is a set too
-    "alignment": lambda: alignment_prompts(PROMPTS / "activities.txt"),
-    "alignment_unseen_activities": lambda: alignment_prompts(PROMPTS / "unseen_activities.txt"),
-}
-
-
-def load_prompts(spec):
-    """A prompt set by name (prompts/<name>.txt or PROMPT_SETS) or a path to a text file, one prompt a line."""
-    if spec in PROMPT_SETS:
-        return PROMPT_SETS[spec]()
-    if (PROMPTS / f"{spec}.txt").is_file():
-        return read_prompt_file(PROMPTS / f"{spec}.txt")
-    if not Path(spec).is_file():
-        names = sorted([p.stem for p in PROMPTS.glob("*.txt")] + list(PROMPT_SETS))
-        fail(f"prompt file or set {spec!r} does not exist; known sets: {', '.join(names)}")
-    return read_prompt_file(spec)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The MDP (paper §4.3): s_t = (c, t, x_t), a_t = x_{t-1}, π(a_t | s_t) = p_θ(x_{t-1} | x_t, c).

@@ -99,6 +99,9 @@ class RunError(Exception):
     train() adds which epoch it was and where the last good checkpoint is."""
 
 
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # the prompt sets: <name>.txt, one prompt a line
+
+
 def read_prompt_file(path):
     """One prompt a line (blank lines skipped); a missing, unreadable, binary or empty file is one line."""
     path = Path(path)
@@ -114,6 +117,30 @@ def read_prompt_file(path):
     if not prompts:
         fail(f"prompt file {path} has no prompts")
     return prompts
+
+
+def alignment_prompts(activities_file):
+    """Paper §5.3: "a(n) [animal] [activity]" from the 45 simple animals and a file of activities."""
+    animals = read_prompt_file(PROMPTS / "simple_animals.txt")
+    return [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in animals for act in read_prompt_file(activities_file)]
+
+
+PROMPT_SETS = {  # sets built from two files; every prompts/<name>.txt is a set too
+    "alignment": lambda: alignment_prompts(PROMPTS / "activities.txt"),
+    "alignment_unseen_activities": lambda: alignment_prompts(PROMPTS / "unseen_activities.txt"),
+}
+
+
+def load_prompts(spec):
+    """A prompt set by name (prompts/<name>.txt or PROMPT_SETS) or a path to a text file, one prompt a line."""
+    if spec in PROMPT_SETS:
+        return PROMPT_SETS[spec]()
+    if (PROMPTS / f"{spec}.txt").is_file():
+        return read_prompt_file(PROMPTS / f"{spec}.txt")
+    if not Path(spec).is_file():
+        names = sorted([p.stem for p in PROMPTS.glob("*.txt")] + list(PROMPT_SETS))
+        fail(f"prompt file or set {spec!r} does not exist; known sets: {', '.join(names)}")
+    return read_prompt_file(spec)
 
 
 def checkpoints(run_dir):

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import ddpo
+import runfiles
 
 SIZE = 32
 PALETTES = [  # (background, shape) colours in [0, 1]
@@ -74,7 +75,7 @@ def draw(prompt, rng):
 def all_prompts():
     """Every prompt the project ships (the held-out sets too: pretraining is the 'internet-scale' stage;
     generalisation is about the RL fine-tuning, which never sees them)."""
-    names = [p.stem for p in sorted(ddpo.PROMPTS.glob("*.txt"))] + sorted(ddpo.PROMPT_SETS)
+    names = [p.stem for p in sorted(runfiles.PROMPTS.glob("*.txt"))] + sorted(runfiles.PROMPT_SETS)
     return sorted({p for name in names for p in ddpo.load_prompts(name)})
 
 
