@@ -222,6 +222,9 @@ MUTANTS = [
      "return kl.sum(dim=tuple(range(1, mean.ndim)))", [E + "test_exercise_7_kl_is_the_gaussians_kl_averaged_over_dimensions"]),
     ("exercise 7: gradient into the pretrained mean", "ddpo.py", "kl = (mean.float() - mean_pre.detach().float())",
      "kl = (mean.float() - mean_pre.float())", [E + "test_exercise_7_gradient_flows_into_the_fine_tuned_mean_only"]),
+    ("the hub's retry messages not silenced (an unreachable hub prints a page of them)", "runfiles.py",
+     "    huggingface_hub.utils.logging.set_verbosity_error()", "    pass",
+     [D + "test_a_hub_id_with_the_hub_unreachable_is_one_line_saying_so"]),
     # several processes (torchrun): N processes take the update of one
     ("each process averages its own samples, then gradients are summed (N x the update)", "ddpo.py",
      "share = len(chunk) / len(minibatch)", "share = len(chunk) / len(mine)",
@@ -236,6 +239,13 @@ MUTANTS = [
      "advantages, fraction = compute_advantages(tracker, prompts, r, args)",
      "advantages, fraction = gather(compute_advantages(tracker, [prompts[i] for i in mine], my_share(r), args)[0]), 0.0",
      [T + "test_two_processes_take_the_update_of_one[sf]"]),
+    ("a process holding none of a minibatch runs the UNet on an empty chunk", "ddpo.py",
+     "for chunk in mine.split(args.train_batch_size) if len(mine) else ():", "for chunk in mine.split(args.train_batch_size):",
+     [T + "test_two_processes_take_the_update_of_one[rwr]"]),
+    ("fp16: no loss scale on a process holding none of the round's first minibatch", "ddpo.py",
+     "    if scaler.is_enabled():  # creates the scale tensor, also on a process that trains no sample of a minibatch\n"
+     "        scaler.scale(torch.zeros((), device=models.device))\n", "",
+     [P + "test_under_fp16_a_process_holding_no_sample_of_a_minibatch_still_steps"]),
     ("V_phi's gradients not summed over processes", "ddpo.py", "        sum_gradients(list(value.parameters()))\n", "",
      [T + "test_two_processes_take_the_update_of_one[dpok]"]),
     ("only process 0 resumes from the checkpoint", "ddpo.py", "    if args.resume:\n        start = load_checkpoint(",

@@ -191,6 +191,33 @@ def test_an_overflowed_fp16_step_is_skipped_and_anywhere_else_stops_the_run(sd_d
         one_round(sd_dir, torch.amp.GradScaler("cpu", enabled=False), hook=overflow)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_fp16_a_process_holding_no_sample_of_a_minibatch_still_steps(sd_dir, monkeypatch, rank):
+    """torchrun as one process sees it (a world of 2, the collectives stood in for): RWR in minibatches of one
+    sample, so half of them hold none of this process's two samples, and for one of the two ranks the very first
+    does. That process has no loss to scale, yet its fp16 loss scaler must unscale and step the gradients the
+    all-reduce brings it (zeros here), like every other process: 4 optimizer steps, none skipped."""
+    def sum_gradients(params):  # what the all-reduce leaves on a process that had no gradient: the others' sum
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    monkeypatch.setattr(ddpo, "distributed", lambda: (rank, 2))
+    monkeypatch.setattr(ddpo, "sum_gradients", sum_gradients)
+    monkeypatch.setattr(ddpo, "gather_objects", lambda x: [x])
+    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="fp16")
+    args = ddpo.parse_args(["--model", str(sd_dir), "--algo", "rwr", "--mixed-precision", "fp16", "--num-steps", "2",
+                            "--samples-per-epoch", "4", "--sample-batch-size", "2", "--num-minibatches", "4",
+                            "--train-batch-size", "1"])
+    mine = range(2 * rank, 2 * rank + 2)  # this process's share of the round's 4 samples
+    traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"][2 * rank:2 * rank + 2], args, ddpo.noise_generators(1, mine))
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    logs = ddpo.train_round(models, optimizer, traj, torch.zeros(4), torch.tensor([1.0, 0.0, 0.5, 2.0]), args,
+                            torch.Generator().manual_seed(2), ddpo.encode_prompts(models, [""]).expand(2, -1, -1),
+                            torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    assert logs["skipped"] == 0 and math.isfinite(logs["grad_norm"])
+    assert optimizer.state[params[0]]["step"].item() == 4
+
+
 # --------------------------------------------------------------------------------------------------------
 # Checkpoints, resume, failures that lose nothing
 # --------------------------------------------------------------------------------------------------------
