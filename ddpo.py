@@ -385,7 +385,8 @@ def ddpm_loss(models, x0, cond, t, noise):
 
 # ----------------------------------------------------------------------------------------------------------
 # Prompts: p(c) (paper §5). load_prompts (runfiles.py) reads a set: prompts/<name>.txt, one prompt a line, or
-# "alignment", §5.3's "a(n) [animal] [activity]" over the 45 simple animals and prompts/activities.txt.
+# "alignment", §5.3's "a(n) [animal] [activity]" over the 45 simple animals and prompts/activities.txt
+# (alignment_unseen_activities: over prompts/unseen_activities.txt).
 # ----------------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------------

@@ -241,7 +241,8 @@ MUTANTS = [
      [T + "test_two_processes_take_the_update_of_one[sf]"]),
     ("a process holding none of a minibatch runs the UNet on an empty chunk", "ddpo.py",
      "for chunk in mine.split(args.train_batch_size) if len(mine) else ():", "for chunk in mine.split(args.train_batch_size):",
-     [T + "test_two_processes_take_the_update_of_one[rwr]"]),
+     [T + "test_two_processes_take_the_update_of_one[rwr]",
+      P + "test_under_fp16_a_process_holding_no_sample_of_a_minibatch_still_steps"]),
     ("fp16: no loss scale on a process holding none of the round's first minibatch", "ddpo.py",
      "    if scaler.is_enabled():  # creates the scale tensor, also on a process that trains no sample of a minibatch\n"
      "        scaler.scale(torch.zeros((), device=models.device))\n", "",

@@ -520,7 +520,7 @@ def evaluate_run(args):
     run.device, run.mixed_precision = args.device, args.mixed_precision  # parse_args: the run's, unless given
     reward_fn = ddpo.load_reward(run)
     names = {"train": run.prompts, "heldout": args.eval_prompts or rewards.HELDOUT_PROMPTS.get(run.reward, "unseen_animals")}
-    prompt_sets = {name: ddpo.load_prompts(spec) for name, spec in names.items()}
+    prompt_sets = {name: load_prompts(spec) for name, spec in names.items()}
     out = Path(args.eval) / "eval"
     out.mkdir(exist_ok=True)
     results = {}

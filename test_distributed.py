@@ -128,23 +128,25 @@ def launch(tmp_path, processes, cases, timeout=600):
 
 @pytest.fixture(scope="module")
 def records(request, tmp_path_factory):
-    """The records of the cases the selected tests compare (all of them in a full run; the mutation check selects
-    one), from one process and from two: two launches in all, each running its cases one after the other."""
-    here = [item for item in request.session.items if item.path == Path(__file__)]
-    wanted = [name for name in CASES if any(f"[{name}]" in item.name for item in here)]
-    if any(item.name.startswith("test_resume") for item in here):
-        wanted = list(dict.fromkeys(wanted + ["is"]))
+    """The records of the cases the selected tests need (all of them in a full run; the mutation check selects one),
+    from one process and from two: at most two launches, each running its cases one after the other."""
+    here = [item for item in request.session.items if item.module is request.module]
+    compared = [name for name in CASES if any(getattr(item, "callspec", None) and item.callspec.params.get("case") == name
+                                              for item in here)]  # one process against two
+    resume = any(item.name.startswith("test_resume") for item in here)  # two processes, "is" unbroken and resumed
     tmp = tmp_path_factory.mktemp("dist")
-    cases = [(name, CASES[name]) for name in wanted]
-    resumed = [("is-resumed", CASES["is"] + ["--resume-after-1"])] if "is" in wanted else []
-    for processes in (1, 2):
-        start = time.time()
-        done = launch(tmp, processes, cases + (resumed if processes == 2 else []))
-        assert done.returncode == 0, done.stderr[-3000:]
-        print(f"{processes} process(es): {time.time() - start:.1f} s")
+    cases = [(name, CASES[name]) for name in compared]
+    two = cases + ([("is", CASES["is"])] if resume and "is" not in compared else []) + \
+        ([("is-resumed", CASES["is"] + ["--resume-after-1"])] if resume else [])
+    for processes, launched in ((1, cases), (2, two)):
+        if launched:
+            start = time.time()
+            done = launch(tmp, processes, launched)
+            assert done.returncode == 0, done.stderr[-3000:]
+            print(f"{processes} process(es): {time.time() - start:.1f} s")
     load = lambda name, p, rank: torch.load(tmp / f"out{p}" / f"{name}.rank{rank}.pt", weights_only=False)  # noqa: E731
-    return {name: {"one": load(name, 1, 0) if name in CASES else None, "two": [load(name, 2, r) for r in (0, 1)]}
-            for name, _ in cases + resumed}, tmp
+    return {name: {"one": load(name, 1, 0) if name in compared else None, "two": [load(name, 2, r) for r in (0, 1)]}
+            for name, _ in two}, tmp
 
 
 @pytest.mark.parametrize("case", list(CASES))

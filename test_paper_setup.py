@@ -195,27 +195,35 @@ def test_an_overflowed_fp16_step_is_skipped_and_anywhere_else_stops_the_run(sd_d
 def test_under_fp16_a_process_holding_no_sample_of_a_minibatch_still_steps(sd_dir, monkeypatch, rank):
     """torchrun as one process sees it (a world of 2, the collectives stood in for): RWR in minibatches of one
     sample, so half of them hold none of this process's two samples, and for one of the two ranks the very first
-    does. That process has no loss to scale, yet its fp16 loss scaler must unscale and step the gradients the
-    all-reduce brings it (zeros here), like every other process: 4 optimizer steps, none skipped."""
-    def sum_gradients(params):  # what the all-reduce leaves on a process that had no gradient: the others' sum
-        for p in params:
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    does. That process has no loss to scale, yet its fp16 loss scaler must unscale and step the summed gradients
+    the all-reduce brings it, like every other process. The stand-in all-reduce returns scale·g for a known g, so
+    with SGD (not invariant to the gradient's scale, unlike Adam) the round must move θ by exactly −lr·4·g."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    g = torch.Generator().manual_seed(5)
+    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="fp16")
+    params = [p for p in models.unet.parameters() if p.requires_grad]
+    g_sum = [1e-4 * torch.randn(p.shape, generator=g) for p in params]  # the processes' summed (unscaled) gradient
+    assert torch.cat([x.flatten() for x in g_sum]).norm() < 0.1  # below --max-grad-norm 1: no clipping
+
+    def sum_gradients(params):  # the all-reduce: every process gets the sum of the scaled gradients
+        for p, x in zip(params, g_sum):
+            p.grad = scaler.get_scale() * x
     monkeypatch.setattr(ddpo, "distributed", lambda: (rank, 2))
     monkeypatch.setattr(ddpo, "sum_gradients", sum_gradients)
     monkeypatch.setattr(ddpo, "gather_objects", lambda x: [x])
-    models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="fp16")
     args = ddpo.parse_args(["--model", str(sd_dir), "--algo", "rwr", "--mixed-precision", "fp16", "--num-steps", "2",
                             "--samples-per-epoch", "4", "--sample-batch-size", "2", "--num-minibatches", "4",
                             "--train-batch-size", "1"])
     mine = range(2 * rank, 2 * rank + 2)  # this process's share of the round's 4 samples
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"][2 * rank:2 * rank + 2], args, ddpo.noise_generators(1, mine))
-    params = [p for p in models.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    logs = ddpo.train_round(models, optimizer, traj, torch.zeros(4), torch.tensor([1.0, 0.0, 0.5, 2.0]), args,
-                            torch.Generator().manual_seed(2), ddpo.encode_prompts(models, [""]).expand(2, -1, -1),
-                            torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    assert logs["skipped"] == 0 and math.isfinite(logs["grad_norm"])
-    assert optimizer.state[params[0]]["step"].item() == 4
+    before = [p.detach().clone() for p in params]
+    logs = ddpo.train_round(models, torch.optim.SGD(params, lr=1.0), traj, torch.zeros(4),
+                            torch.tensor([1.0, 0.0, 0.5, 2.0]), args, torch.Generator().manual_seed(2),
+                            ddpo.encode_prompts(models, [""]).expand(2, -1, -1), scaler)
+    assert logs["skipped"] == 0, "a step was skipped"
+    assert logs["grad_norm"] == pytest.approx(torch.cat([x.flatten() for x in g_sum]).norm().item(), rel=1e-5)
+    for p, b, x in zip(params, before, g_sum):
+        torch.testing.assert_close(p.detach(), b - 4 * x, rtol=0, atol=1e-6)  # 4 steps of 1e-4: rounding 1e-7
 
 
 # --------------------------------------------------------------------------------------------------------
