@@ -1,7 +1,16 @@
-"""Shared test helpers."""
-import pytest
+"""Shared test helpers, and one thread per test process when the suite runs in parallel (pytest -n 2)."""
+import os
 
-import ddpo
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, and in every process they start
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ddpo  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Several processes (torchrun, gloo on CPU): N processes must take exactly the update of one.
 
-Each case runs ddpo.main twice through this same file: once as one plain process, once under
-`torchrun --nproc_per_node 2`. Every process records what it sampled, scored and computed each epoch (see
+Each case runs ddpo.main twice through this same file's worker: once in pytest's own process on one thread, once
+under `torchrun --nproc_per_node 2`. Every process records what it sampled, scored and computed each epoch (see
 `probe`), and the records are compared: the two processes' samples and rewards, put side by side, must be the one
 process's; every process's advantages, logged gradient norms and weights must be the one process's.
 
@@ -93,7 +93,7 @@ def slow_on_process_1(images, prompts):
     return rewards.jpeg_compressibility(images, prompts)
 
 
-def worker(out, cases):
+def worker(out, *cases):
     """Runs each case (name=argv…) in this process (one of torchrun's, or alone) and saves the records."""
     import ddpo
 
@@ -114,22 +114,54 @@ def worker(out, cases):
         unwrap()
 
 
-def launch(tmp_path, processes, cases, timeout=600):
-    """Runs worker over cases in one plain process, or under torchrun; returns the CompletedProcess."""
+def worker_argv(tmp_path, processes, cases):
+    """worker's arguments: its records folder, then one name=argv per case."""
     out = tmp_path / f"out{processes}"
     out.mkdir(exist_ok=True)
     runs = tmp_path / f"runs{processes}"
-    argv = [f"{name}={' '.join(COMMON + extra + ['--out-dir', str(runs), '--run-name', name])}" for name, extra in cases]
+    return [str(out)] + [f"{name}={' '.join(COMMON + extra + ['--out-dir', str(runs), '--run-name', name])}"
+                         for name, extra in cases]
+
+
+def start(tmp_path, processes, cases):
+    """Starts worker over cases under torchrun; returns a function that waits for it: (exit status, stderr)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each (2 cores), and the same float arithmetic in both
-    return subprocess.run((torchrun if processes > 1 else [sys.executable]) + [__file__, str(out), *argv],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+    log = tmp_path / f"stderr{processes}.txt"
+    with open(log, "w") as stderr:  # a file, not a pipe, which nobody reads while the reference runs
+        proc = subprocess.Popen(torchrun + [__file__, *worker_argv(tmp_path, processes, cases)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=HERE)
+
+    def wait(timeout=600):
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+        return proc.returncode, log.read_text()
+    return wait
+
+
+def launch(tmp_path, processes, cases, timeout=600):
+    """Runs worker over cases under torchrun and waits; returns (exit status, stderr)."""
+    return start(tmp_path, processes, cases)(timeout)
+
+
+def in_this_process(tmp_path, cases):
+    """The one-process reference, run in pytest's own process (no second import of torch and diffusers), on one
+    thread like each torchrun process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker(*worker_argv(tmp_path, 1, cases))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def records(request, tmp_path_factory):
     """The records of the cases the selected tests need (all of them in a full run; the mutation check selects one),
-    from one process and from two: at most two launches, each running its cases one after the other."""
+    from one process and from two: one torchrun launch running its cases one after the other, and meanwhile the
+    same cases in this process. Its tests share one xdist group, so that under pytest -n 2 this runs once."""
     here = [item for item in request.session.items if item.module is request.module]
     compared = [name for name in CASES if any(getattr(item, "callspec", None) and item.callspec.params.get("case") == name
                                               for item in here)]  # one process against two
@@ -138,17 +170,20 @@ def records(request, tmp_path_factory):
     cases = [(name, CASES[name]) for name in compared]
     two = cases + ([("is", CASES["is"])] if resume and "is" not in compared else []) + \
         ([("is-resumed", CASES["is"] + ["--resume-after-1"])] if resume else [])
-    for processes, launched in ((1, cases), (2, two)):
-        if launched:
-            start = time.time()
-            done = launch(tmp, processes, launched)
-            assert done.returncode == 0, done.stderr[-3000:]
-            print(f"{processes} process(es): {time.time() - start:.1f} s")
+    start_time = time.time()
+    two_processes = start(tmp, 2, two)  # meanwhile the one-process reference runs here, on the other core
+    if cases:
+        in_this_process(tmp, cases)
+        print(f"1 process: {time.time() - start_time:.1f} s")
+    code, stderr = two_processes()
+    assert code == 0, stderr[-3000:]
+    print(f"2 processes: {time.time() - start_time:.1f} s")
     load = lambda name, p, rank: torch.load(tmp / f"out{p}" / f"{name}.rank{rank}.pt", weights_only=False)  # noqa: E731
     return {name: {"one": load(name, 1, 0) if name in compared else None, "two": [load(name, 2, r) for r in (0, 1)]}
             for name, _ in two}, tmp
 
 
+@pytest.mark.xdist_group("torchrun")
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_take_the_update_of_one(records, case):
     one, (p0, p1) = records[0][case]["one"], records[0][case]["two"]
@@ -176,6 +211,7 @@ def test_two_processes_take_the_update_of_one(records, case):
         assert torch.equal(b0["weights"], b1["weights"]), f"{where}: the two processes hold different weights"
 
 
+@pytest.mark.xdist_group("torchrun")
 def test_resume_under_two_processes_equals_an_unbroken_run(records):
     unbroken, resumed = records[0]["is"]["two"], records[0]["is-resumed"]["two"]
     for rank in (0, 1):
@@ -199,15 +235,15 @@ def test_a_failure_on_one_process_stops_both_with_one_line(tmp_path, reward, exp
     import re
 
     start = time.time()
-    done = launch(tmp_path, 2, [("run", ["--algo", "is", "--reward", f"test_distributed:{reward}",
-                                         "--collective-timeout", "5"])], timeout=120)
-    assert done.returncode != 0
-    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(ours) == 1 and re.match(expected, ours[0]), done.stderr[-3000:]
+    code, stderr = launch(tmp_path, 2, [("run", ["--algo", "is", "--reward", f"test_distributed:{reward}",
+                                                 "--collective-timeout", "5"])], timeout=120)
+    assert code != 0
+    ours = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and re.match(expected, ours[0]), stderr[-3000:]
     assert time.time() - start < 60  # well before the slow reward's minute
     if reward == "raise_on_process_1":
         assert [p.name for p in (tmp_path / "runs2" / "run" / "checkpoints").iterdir()] == ["epoch_0001"]
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2:])
+    worker(sys.argv[1], *sys.argv[2:])
