@@ -5,18 +5,22 @@ Then, for every mutant below, the copy gets that one change, and the tests named
 exit code 1). A mutant that passes them is a hole in the suite: the check exits non-zero and names it. The
 right code must occur exactly once, so a mutant whose code has since changed is reported, not ignored.
 
-    python mutation_check.py            # all mutants, about 31 minutes on 2 CPU cores
+    python mutation_check.py            # all mutants, two at a time (one thread each), on 2 CPU cores
     python mutation_check.py rwr ratio  # only mutants whose name contains one of these words
+    python mutation_check.py --jobs 1   # one at a time
     python mutation_check.py --list
 
 Every new formula adds its wrong versions here.
 """
 import argparse
+import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -180,6 +184,13 @@ MUTANTS = [
     ("--eval samples in the command's precision", "ddpo.py",
      "args.mixed_precision = load_run_args(args.eval).mixed_precision", "pass",
      [D + "test_a_run_as_model_keeps_its_lora_rank_and_eval_its_precision"]),
+    ("an unfinished epoch_N.tmp counted as a checkpoint", "runfiles.py", '.glob("epoch_[0-9][0-9][0-9][0-9]")',
+     '.glob("epoch_*")', [P + "test_a_checkpointing_process_killed_with_sigkill_always_leaves_a_whole_checkpoint"]),
+    ("Ctrl-C stops at once, without finishing the epoch or writing a checkpoint", "runfiles.py",
+     "        self.requested = True\n", "        raise KeyboardInterrupt\n",
+     [P + "test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume"]),
+    ("Ctrl-C's handler not given back after the run", "runfiles.py", "        signal.signal(signal.SIGINT, self.previous)",
+     "        pass", [P + "test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume"]),
     # the course kit's graded tests (test_exercises.py) catch the usual wrong versions on their own
     ("exercise 1: sigma_t without eta", "ddpo.py", "sigma_t = eta * ((1", "sigma_t = ((1",
      [E + "test_exercise_1_sigma_is_the_noise_diffusers_adds"]),
@@ -265,17 +276,20 @@ def copy_project(dest):
     shutil.copytree(HERE, dest, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache", "*.tmp"))
 
 
-def pytest(root, tests):
-    """pytest's exit code on these tests in root (0 passed, 1 a test failed, else an error), and its last lines."""
+def pytest(root, tests, threads=None, workers=0):
+    """pytest's exit code on these tests in root (0 passed, 1 a test failed, else an error), and its last lines;
+    with threads, every process it starts uses that many; with workers, pytest-xdist runs the tests in parallel."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    parallel = ["-n", str(workers), "--dist", "loadgroup"] if workers else []
     try:
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                                cwd=root, capture_output=True, text=True, timeout=1500)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *parallel, *tests],
+                                cwd=root, capture_output=True, text=True, timeout=1500, env=env)
     except subprocess.TimeoutExpired:
         return None, "timed out after 1500 s"
     return result.returncode, " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
 
 
-def run_mutant(root, name, file, right, wrong, tests):
+def run_mutant(root, name, file, right, wrong, tests, threads=None):
     """'caught', 'MISSED', or why the mutant could not be applied or run."""
     path = root / file
     original = path.read_text()
@@ -283,7 +297,7 @@ def run_mutant(root, name, file, right, wrong, tests):
         return f"NOT APPLIED: the right code occurs {original.count(right)} times in {file} (update this mutant)"
     path.write_text(original.replace(right, wrong))
     try:
-        code, tail = pytest(root, tests)
+        code, tail = pytest(root, tests, threads)
     finally:
         path.write_text(original)
     if code == 1:
@@ -297,29 +311,42 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("words", nargs="*", help="run only the mutants whose name contains one of these")
     parser.add_argument("--list", action="store_true", help="list the mutants and the tests that must catch them")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once, each in its own copy of the project "
+                        "and with one thread per process when more than one (default: 2, for 2 cores)")
     opts = parser.parse_args()
+    if opts.jobs < 1:
+        parser.error(f"--jobs {opts.jobs}: must be at least 1")
     chosen = [m for m in MUTANTS if not opts.words or any(w.lower() in m[0].lower() for w in opts.words)]
     if opts.list:
         for name, file, _, _, tests in chosen:
             print(f"{name}  ({file})  ←  {', '.join(tests)}")
         return
-    failures, start = [], time.time()
+    failures, start, threads = [], time.time(), (1 if opts.jobs > 1 else None)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "project"
-        copy_project(root)
+        copies = queue.Queue()
+        for i in range(opts.jobs):
+            copy_project(Path(tmp) / f"project{i}")
+            copies.put(Path(tmp) / f"project{i}")
         named = sorted({test for *_, tests in chosen for test in tests})
-        code, tail = pytest(root, named)
+        code, tail = pytest(Path(tmp) / "project0", named, threads, workers=opts.jobs if opts.jobs > 1 else 0)
         print(f"baseline: the {len(named)} named tests on the unchanged code: {'pass' if code == 0 else 'FAIL'} "
               f"({time.time() - start:.0f} s)", flush=True)
         if code != 0:
             sys.exit(f"the named tests must pass before mutants mean anything: {tail}")
-        for i, (name, file, right, wrong, tests) in enumerate(chosen, 1):
-            t0 = time.time()
-            verdict = run_mutant(root, name, file, right, wrong, tests)
-            print(f"[{i:2d}/{len(chosen)}] {verdict:8.8s} {name} ({time.time() - t0:.0f} s)"
-                  + ("" if verdict.startswith("caught") else f"\n        {verdict}"), flush=True)
-            if not verdict.startswith("caught"):
-                failures.append(name)
+
+        def run(mutant):  # in a free copy; each copy holds one mutant at a time
+            root, t0 = copies.get(), time.time()
+            try:
+                return run_mutant(root, *mutant, threads=threads), time.time() - t0
+            finally:
+                copies.put(root)
+
+        with ThreadPoolExecutor(opts.jobs) as pool:  # results in the mutants' order
+            for i, (mutant, (verdict, seconds)) in enumerate(zip(chosen, pool.map(run, chosen)), 1):
+                print(f"[{i:2d}/{len(chosen)}] {verdict:8.8s} {mutant[0]} ({seconds:.0f} s)"
+                      + ("" if verdict.startswith("caught") else f"\n        {verdict}"), flush=True)
+                if not verdict.startswith("caught"):
+                    failures.append(mutant[0])
     print(f"mutation check: {len(chosen) - len(failures)} of {len(chosen)} wrong versions caught "
           f"in {time.time() - start:.0f} s")
     if failures:
