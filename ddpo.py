@@ -12,7 +12,7 @@ This file reads top to bottom like the paper:
 
     python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~8 minutes
     python ddpo.py --help                                # every flag, with the paper's symbol
-    python -m pytest -q                                  # the tests pin every formula with numbers
+    python -m pytest -q -n 2 --dist loadgroup            # the tests pin every formula with numbers
 """
 import argparse
 import copy

@@ -1,8 +1,8 @@
 """Tests are tested: each plausible wrong version of a formula or of the bookkeeping must fail a test.
 
 First the named tests must all pass on an unchanged copy of the project (else nothing below means anything).
-Then, for every mutant below, the copy gets that one change, and the tests named beside it must fail (pytest
-exit code 1). A mutant that passes them is a hole in the suite: the check exits non-zero and names it. The
+Then, for every mutant below, a copy gets that one change, and the tests named beside it must fail (pytest
+exit code 1); with --jobs 2 two copies take a mutant each at a time. A mutant that passes them is a hole in the suite: the check exits non-zero and names it. The
 right code must occur exactly once, so a mutant whose code has since changed is reported, not ignored.
 
     python mutation_check.py            # all mutants, two at a time (one thread each), on 2 CPU cores
@@ -283,9 +283,9 @@ def pytest(root, tests, threads=None, workers=0):
     parallel = ["-n", str(workers), "--dist", "loadgroup"] if workers else []
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *parallel, *tests],
-                                cwd=root, capture_output=True, text=True, timeout=1500, env=env)
+                                cwd=root, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:
-        return None, "timed out after 1500 s"
+        return None, "timed out after 600 s"
     return result.returncode, " | ".join((result.stdout + result.stderr).strip().splitlines()[-3:])
 
 

@@ -2,7 +2,8 @@
 encoder, latent UNet) saved as a real StableDiffusionPipeline folder, LoRA, bf16, checkpoints and resume,
 Ctrl-C, non-finite losses, --eval.
 
-    python -m pytest -q
+    python -m pytest -q test_paper_setup.py     # this file
+    python -m pytest -q -n 2 --dist loadgroup   # the whole suite, as the README and CI run it
 """
 import json
 import math
@@ -422,26 +423,32 @@ def test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume(tm
     import os
     import threading
 
-    run, handler, ended = tmp_path / "r", signal.getsignal(signal.SIGINT), threading.Event()
+    run, stray, ended = tmp_path / "r", [], threading.Event()
+    guard = lambda signum, frame: stray.append(signum)  # noqa: E731  (a SIGINT outside the run must not stop pytest)
+    previous = signal.signal(signal.SIGINT, guard)
 
     def press_ctrl_c():
         while not ended.is_set() and not (run / "metrics.jsonl").is_file():
             time.sleep(0.05)
-        if not ended.is_set():  # (a run that failed before it wrote anything gets no signal: pytest would get it)
+        if not ended.is_set():
             os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
     try:
         with pytest.raises(SystemExit) as stop:
             ddpo.main(["--epochs", "50", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
                        "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r", "--save-every", "100"])
     finally:
         ended.set()
+        presser.join(timeout=10)
+        after = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, previous)
+    assert after is guard and not stray  # the run took the Ctrl-C, and gave the handler it found back
     epoch = len(metrics(run)) - 1
     assert 1 <= epoch < 50 and stop.value.code == (f"interrupted after epoch {epoch}, checkpoint written: resume with "
                                                    f"--resume {run}")
     assert ddpo.latest_checkpoint(run).name == f"epoch_{epoch:04d}"
-    assert signal.getsignal(signal.SIGINT) is handler  # the run gave Ctrl-C back
 
 
 def test_a_run_with_a_truncated_weights_file_is_one_line_for_model_and_eval(tmp_path):

@@ -1,7 +1,8 @@
 """Tests for rewards.py, offline: tiny random CLIP / BERT / LLaVA models are built from configs, saved with
 save_pretrained to a temp folder and loaded back through the same from_pretrained path a hub id takes.
 
-    python -m pytest -q
+    python -m pytest -q test_rewards.py         # this file
+    python -m pytest -q -n 2 --dist loadgroup   # the whole suite, as the README and CI run it
 """
 import json
 import math
