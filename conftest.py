@@ -27,3 +27,9 @@ def main_error(capsys):
         assert capsys.readouterr().err.strip() == "", "something besides the error line went to stderr"
         return line
     return run
+
+
+def pytest_collection_modifyitems(items):
+    """The torchrun tests first (stable sort): under pytest -n 2 their xdist group, the longest chain of the suite
+    (one launch, then the two failure launches), starts at once on one worker while the other takes the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
