@@ -191,6 +191,12 @@ MUTANTS = [
      [P + "test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume"]),
     ("Ctrl-C's handler not given back after the run", "runfiles.py", "        signal.signal(signal.SIGINT, self.previous)",
      "        pass", [P + "test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume"]),
+    ("tiny_world.draw(flat=True) skips the texture's random draw (another shape and place)", "tiny_world.py",
+     "    amplitude = 0.0 if rng.random() < 1 / 3 else rng.uniform(0.1, 0.45)\n    amplitude = 0.0 if flat else amplitude\n",
+     "    amplitude = 0.0 if rng.random() < 1 / 3 or flat else rng.uniform(0.1, 0.45)\n",
+     [D + "test_flat_draws_the_same_picture_with_a_flat_background"]),
+    ("tiny_world.draw ignores flat", "tiny_world.py", "    amplitude = 0.0 if flat else amplitude\n", "",
+     [D + "test_flat_draws_the_same_picture_with_a_flat_background"]),
     # the course kit's graded tests (test_exercises.py) catch the usual wrong versions on their own
     ("exercise 1: sigma_t without eta", "ddpo.py", "sigma_t = eta * ((1", "sigma_t = ((1",
      [E + "test_exercise_1_sigma_is_the_noise_diffusers_adds"]),

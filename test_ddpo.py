@@ -679,6 +679,19 @@ def test_palette_accuracy_measures_the_toy_world():
     assert palette_accuracy(toy, shuffled) < 0.3  # the wrong prompts: near chance
 
 
+def test_flat_draws_the_same_picture_with_a_flat_background():
+    """tiny_world.draw(flat=True), which --jpeg-floor measures: the same palette, shape and place as the draw from
+    the same random numbers (striped here), and a background of one colour."""
+    striped = [seed for seed in range(20) if len(np.unique(tiny_world.draw("a cat", np.random.default_rng(seed)))) > 6]
+    seed = striped[0]
+    drawn = tiny_world.draw("a cat", np.random.default_rng(seed))
+    flat = tiny_world.draw("a cat", np.random.default_rng(seed), flat=True)
+    bg, fg = (np.array(c, dtype=np.float32) * 2 - 1 for c in tiny_world.PALETTES[tiny_world.prompt_attributes("a cat", None)[0]])
+    shape = np.isclose(flat, fg[:, None, None]).all(0)
+    assert 20 < shape.sum() < 32 * 32 - 20 and np.isclose(flat[:, ~shape], bg[:, None]).all()  # two colours: bg, fg
+    assert np.array_equal(drawn[:, shape], flat[:, shape]) and not np.isclose(drawn[:, ~shape], bg[:, None]).all()
+
+
 def test_tiny_model_is_pretrained_and_prompt_conditional():
     """The shipped model draws the toy world: the prompt's palette, and JPEG sizes that vary (RL's signal)."""
     models = ddpo.load_models("tiny", "cpu")

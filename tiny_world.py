@@ -13,6 +13,7 @@ Normal use never runs this file: tiny_model/ ships with the repository. To rebui
 minutes on 2 CPU cores):
 
     python tiny_world.py --steps 2000 --seed 0 --out tiny_model
+    python tiny_world.py --jpeg-floor    # how far compressibility can go in this world (a few seconds)
 """
 import argparse
 import json
@@ -51,13 +52,15 @@ def prompt_attributes(prompt, rng):
     return word_hash(words[0]) % len(PALETTES), word_hash(words[-1]) % len(SHAPES)
 
 
-def draw(prompt, rng):
-    """One toy image for a prompt, (3, 32, 32) in [-1, 1] like the model's pixel space."""
+def draw(prompt, rng, flat=False):
+    """One toy image for a prompt, (3, 32, 32) in [-1, 1] like the model's pixel space. flat: a flat background
+    whatever the draw (for --jpeg-floor; the same random numbers are drawn, so pretraining is unchanged)."""
     palette, shape = prompt_attributes(prompt, rng)
     bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in PALETTES[palette])
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     # the background texture varies per sample: flat (a third of the time) or stripes of random period/angle
     amplitude = 0.0 if rng.random() < 1 / 3 else rng.uniform(0.1, 0.45)
+    amplitude = 0.0 if flat else amplitude
     period, angle = rng.uniform(2.0, 12.0), rng.uniform(0, np.pi)
     stripes = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
     image = np.clip(bg * (1 + amplitude * stripes), 0, 1)
@@ -206,10 +209,40 @@ def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
     print(f"saved {out}")
 
 
+def jpeg_floor(n=64, seed=0):
+    """How small compressibility can make an image in this world: JPEG sizes (kB) of drawn images as drawn, and with
+    the policy's own noise at its last DDIM step (η = 1, the default T), which no fine-tuning removes."""
+    import rewards
+
+    runfiles.quiet_libraries()
+    models = ddpo.load_models("tiny", "cpu")
+    args = ddpo.parse_args([])
+    models.scheduler.set_timesteps(args.num_steps)
+    t = models.scheduler.timesteps[-1:]
+    sigma = ddpo.ddim_step(models.scheduler, torch.zeros(1, 3, SIZE, SIZE), torch.zeros(1, 3, SIZE, SIZE), t, args.eta)[1].item()
+    prompts = [all_prompts()[i] for i in np.random.default_rng(seed).integers(len(all_prompts()), size=n)]
+    sets = {"drawn images": [draw(p, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)],
+            "the same, with flat backgrounds": [draw(p, np.random.default_rng([seed, i]), flat=True)
+                                                for i, p in enumerate(prompts)],  # same palettes, shapes, places
+            "a flat grey image (no shape)": [np.zeros((3, SIZE, SIZE), np.float32)] * n}
+    generator = torch.Generator().manual_seed(seed)
+    print(f"the last DDIM step's sigma at T = {args.num_steps}, eta = {args.eta:g}: {sigma:.4f}")
+    for name, images in sets.items():
+        x = torch.from_numpy(np.stack(images))
+        noisy = (x + sigma * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
+        print(f"{name} ({n}): {rewards.jpeg_kilobytes(x).mean():.3f} kB as drawn, "
+              f"{rewards.jpeg_kilobytes(noisy).mean():.3f} kB with that noise")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Pretrain the tiny built-in model on the toy world.")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps of batch 64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="tiny_model", help="output folder (diffusers save_pretrained layout)")
+    p.add_argument("--jpeg-floor", action="store_true", help="print JPEG sizes of the world's images, as drawn and "
+                   "with the last DDIM step's noise (how far compressibility can go), and exit")
     a = p.parse_args()
-    pretrain(a.steps, a.seed, a.out)
+    if a.jpeg_floor:
+        jpeg_floor(seed=a.seed)
+    else:
+        pretrain(a.steps, a.seed, a.out)
