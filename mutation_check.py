@@ -2,8 +2,9 @@
 
 First the named tests must all pass on an unchanged copy of the project (else nothing below means anything).
 Then, for every mutant below, a copy gets that one change, and the tests named beside it must fail (pytest
-exit code 1); with --jobs 2 two copies take a mutant each at a time. A mutant that passes them is a hole in the suite: the check exits non-zero and names it. The
-right code must occur exactly once, so a mutant whose code has since changed is reported, not ignored.
+exit code 1); with --jobs 2, two copies take a mutant each at a time. A mutant that passes them is a hole in the
+suite: the check exits non-zero and names it. The right code must occur exactly once, so a mutant whose code has
+since changed is reported, not ignored.
 
     python mutation_check.py            # all mutants, two at a time (one thread each), on 2 CPU cores
     python mutation_check.py rwr ratio  # only mutants whose name contains one of these words
