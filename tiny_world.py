@@ -220,7 +220,8 @@ def jpeg_floor(n=64, seed=0):
     models.scheduler.set_timesteps(args.num_steps)
     t = models.scheduler.timesteps[-1:]
     sigma = ddpo.ddim_step(models.scheduler, torch.zeros(1, 3, SIZE, SIZE), torch.zeros(1, 3, SIZE, SIZE), t, args.eta)[1].item()
-    prompts = [all_prompts()[i] for i in np.random.default_rng(seed).integers(len(all_prompts()), size=n)]
+    every = all_prompts()
+    prompts = [every[i] for i in np.random.default_rng(seed).integers(len(every), size=n)]
     sets = {"drawn images": [draw(p, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)],
             "the same, with flat backgrounds": [draw(p, np.random.default_rng([seed, i]), flat=True)
                                                 for i, p in enumerate(prompts)],  # same palettes, shapes, places
