@@ -198,6 +198,13 @@ MUTANTS = [
      [D + "test_flat_draws_the_same_picture_with_a_flat_background"]),
     ("tiny_world.draw ignores flat", "tiny_world.py", "    amplitude = 0.0 if flat else amplitude\n", "",
      [D + "test_flat_draws_the_same_picture_with_a_flat_background"]),
+    ("--jpeg-floor sizes model-space [-1, 1] images as if they were [0, 1] (no decode)", "tiny_world.py",
+     "rewards.jpeg_kilobytes(ddpo.decode(models, y))", "rewards.jpeg_kilobytes(y)",
+     [D + "test_jpeg_floor_sizes_images_as_the_reward_sees_them"]),
+    ("--jpeg-floor adds the last step's noise after decoding (in [0, 1], twice too strong)", "tiny_world.py",
+     "    noisy = x + sigma * torch.randn(x.shape, generator=generator)\n    return tuple(rewards.jpeg_kilobytes(ddpo.decode(models, y)).mean().item() for y in (x, noisy))\n",
+     "    noisy = ddpo.decode(models, x) + sigma * torch.randn(x.shape, generator=generator)\n    return tuple(rewards.jpeg_kilobytes(y).mean().item() for y in (ddpo.decode(models, x), noisy))\n",
+     [D + "test_jpeg_floor_sizes_images_as_the_reward_sees_them"]),
     # the course kit's graded tests (test_exercises.py) catch the usual wrong versions on their own
     ("exercise 1: sigma_t without eta", "ddpo.py", "sigma_t = eta * ((1", "sigma_t = ((1",
      [E + "test_exercise_1_sigma_is_the_noise_diffusers_adds"]),

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -690,6 +691,29 @@ def test_flat_draws_the_same_picture_with_a_flat_background():
     shape = np.isclose(flat, fg[:, None, None]).all(0)
     assert 20 < shape.sum() < 32 * 32 - 20 and np.isclose(flat[:, ~shape], bg[:, None]).all()  # two colours: bg, fg
     assert np.array_equal(drawn[:, shape], flat[:, shape]) and not np.isclose(drawn[:, ~shape], bg[:, None]).all()
+
+
+def test_jpeg_floor_sizes_images_as_the_reward_sees_them():
+    """--jpeg-floor's sizes (tiny_world.jpeg_sizes): model-space images in [-1, 1] go to [0, 255] as the sampler's
+    decode takes them, and the last step's noise is added in model space, before decoding. Against numpy + PIL on
+    the same numbers; the ramp runs past both ends of the pixel range."""
+    x = torch.linspace(-1.2, 1.2, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    sigma = 0.05
+    drawn, noisy = tiny_world.jpeg_sizes(SimpleNamespace(vae=None), x, sigma, torch.Generator().manual_seed(0))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+
+    def kilobytes(model_space):
+        pixels = np.round(np.clip(model_space.numpy() / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
+        sizes = []
+        for a in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(a.transpose(1, 2, 0)).save(buffer, format="JPEG", quality=95)
+            sizes.append(len(buffer.getvalue()) / 1000)
+        return float(np.mean(sizes))
+
+    assert drawn == pytest.approx(kilobytes(x), abs=1e-6)
+    assert noisy == pytest.approx(kilobytes(x + sigma * noise), abs=1e-6)
+    assert noisy > drawn + 0.1  # the noise is there
 
 
 def test_tiny_model_is_pretrained_and_prompt_conditional():

@@ -209,11 +209,20 @@ def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
     print(f"saved {out}")
 
 
-def jpeg_floor(n=64, seed=0):
-    """How small compressibility can make an image in this world: JPEG sizes (kB) of drawn images as drawn, and with
-    the policy's own noise at its last DDIM step (η = 1, the default T), which no fine-tuning removes."""
+def jpeg_sizes(models, x, sigma, generator):
+    """Mean JPEG kB of pixel-space images x (in [-1, 1], the model's space) as the reward sees them, through
+    ddpo.decode to [0, 1]: as they are, and with N(0, sigma^2) noise added in the model's space (the last DDIM
+    step's, which the sampler adds before decoding)."""
     import rewards
 
+    noisy = x + sigma * torch.randn(x.shape, generator=generator)
+    return tuple(rewards.jpeg_kilobytes(ddpo.decode(models, y)).mean().item() for y in (x, noisy))
+
+
+def jpeg_floor(n=64, seed=0):
+    """How small compressibility can make an image in this world: JPEG sizes (kB) of drawn images as drawn, and with
+    the policy's own noise at its last DDIM step (η = 1, the default T), which survives unless the picture is pushed
+    past the pixel range (decode clamps it to [0, 1], so noise around a mean beyond white or black vanishes)."""
     runfiles.quiet_libraries()
     models = ddpo.load_models("tiny", "cpu")
     args = ddpo.parse_args([])
@@ -225,14 +234,13 @@ def jpeg_floor(n=64, seed=0):
     sets = {"drawn images": [draw(p, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)],
             "the same, with flat backgrounds": [draw(p, np.random.default_rng([seed, i]), flat=True)
                                                 for i, p in enumerate(prompts)],  # same palettes, shapes, places
-            "a flat grey image (no shape)": [np.zeros((3, SIZE, SIZE), np.float32)] * n}
+            "a flat grey image (no shape)": [np.zeros((3, SIZE, SIZE), np.float32)] * n,
+            "a flat image past white (x = 1.1, no shape)": [np.full((3, SIZE, SIZE), 1.1, np.float32)] * n}
     generator = torch.Generator().manual_seed(seed)
     print(f"the last DDIM step's sigma at T = {args.num_steps}, eta = {args.eta:g}: {sigma:.4f}")
     for name, images in sets.items():
-        x = torch.from_numpy(np.stack(images))
-        noisy = (x + sigma * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
-        print(f"{name} ({n}): {rewards.jpeg_kilobytes(x).mean():.3f} kB as drawn, "
-              f"{rewards.jpeg_kilobytes(noisy).mean():.3f} kB with that noise")
+        drawn, noisy = jpeg_sizes(models, torch.from_numpy(np.stack(images)), sigma, generator)
+        print(f"{name} ({n}): {drawn:.3f} kB as drawn, {noisy:.3f} kB with that noise")
 
 
 if __name__ == "__main__":
