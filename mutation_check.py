@@ -158,6 +158,12 @@ MUTANTS = [
      [D + "test_a_reward_by_import_path_trains_resumes_and_evaluates"]),
     ("train() runs an Args made in Python unchecked", "ddpo.py", "    args = runfiles.start_processes(complete(args))", "    args = runfiles.start_processes(args)",
      [D + "test_train_takes_args_made_in_python_and_a_reward_callable"]),
+    ("a model folder's damaged .bin weights not looked at (the error blames the layout)", "runfiles.py",
+     ' + sorted(Path(name).glob("*/*.bin"))', "",
+     [D + "test_a_model_folder_with_a_damaged_bin_weights_file_names_the_file"]),
+    ("a model folder's damaged safetensors weights not looked at", "runfiles.py",
+     'sorted(Path(name).glob("*/*.safetensors")) + ', "",
+     [D + "test_a_model_folder_with_a_damaged_weights_file_names_the_file"]),
     # non-finite numbers
     ("non-finite weights not checked", "ddpo.py",
      "            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():",

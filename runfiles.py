@@ -603,7 +603,8 @@ def model_load_error(name, error):
     while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     if Path(name).exists():
-        damaged = [path for path in sorted(Path(name).glob("*/*.safetensors")) if not readable_safetensors(path)]
+        weights = sorted(Path(name).glob("*/*.safetensors")) + sorted(Path(name).glob("*/*.bin"))
+        damaged = [path for path in weights if not readable_weights(path)]
         if damaged:
             return f"cannot load model folder {name}: weights file {damaged[0]} is damaged"
         return f"cannot load model folder {name} ({first_line(error)}): it needs a diffusers pipeline layout"
@@ -614,13 +615,18 @@ def model_load_error(name, error):
             f"--model tiny or a local folder works offline")
 
 
-def readable_safetensors(path):
+def readable_weights(path):
+    """Whether a weights file reads whole: safetensors (every tensor's bytes, so a truncated file shows) or a
+    PyTorch .bin (a zip or pickle, loaded as tensors only)."""
     from safetensors import safe_open
 
     try:
+        if path.suffix == ".bin":
+            torch.load(path, map_location="cpu", weights_only=True)
+            return True
         with safe_open(path, "pt") as f:
             for key in f.keys():
-                f.get_tensor(key)  # every tensor's bytes, so a truncated file shows
+                f.get_tensor(key)
         return True
     except Exception:
         return False

@@ -914,6 +914,21 @@ def test_a_model_folder_with_a_damaged_weights_file_names_the_file(tmp_path, ran
         ddpo.load_models(str(tmp_path / "m"), "cpu")
 
 
+def test_a_model_folder_with_a_damaged_bin_weights_file_names_the_file(tmp_path, random_model_dir):
+    """The same for PyTorch .bin weights (save_pretrained(safe_serialization=False)), which older folders hold."""
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(random_model_dir, tmp_path / "m")
+    unet = tmp_path / "m" / "unet"
+    UNet2DConditionModel.from_pretrained(unet).save_pretrained(unet, safe_serialization=False)
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    weights = unet / "diffusion_pytorch_model.bin"
+    assert ddpo.load_models(str(tmp_path / "m"), "cpu").unet is not None  # the whole .bin loads
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SystemExit, match=f"cannot load model folder {tmp_path / 'm'}: weights file {weights} is damaged"):
+        ddpo.load_models(str(tmp_path / "m"), "cpu")
+
+
 def test_a_scheduler_without_a_density_is_refused_before_anything_is_written(tmp_path, random_model_dir):
     shutil.copytree(random_model_dir, tmp_path / "m")
     config = tmp_path / "m" / "scheduler" / "scheduler_config.json"
