@@ -606,6 +606,14 @@ def test_value_advantages_are_per_step_and_normalised(random_models):
 # Rewards and prompts
 # --------------------------------------------------------------------------------------------------------
 
+def jpeg_kilobytes_by_hand(pixels):
+    """One (H, W, 3) uint8 image written out with PIL at quality 95: its size in kB (bytes / 1000). The tests'
+    reference for rewards.jpeg_kilobytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return len(buffer.getvalue()) / 1000
+
+
 def test_jpeg_rewards():
     flat = torch.full((1, 3, 64, 64), 0.5)
     noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -613,9 +621,8 @@ def test_jpeg_rewards():
     compress, incompress = rewards.jpeg_compressibility(images, ["a", "b"]), rewards.jpeg_incompressibility(images, ["a", "b"])
     assert compress[0] > compress[1] and incompress[1] > incompress[0]  # flat is more compressible than noise
     torch.testing.assert_close(compress, -incompress)
-    buffer = io.BytesIO()  # the same number written out with PIL by hand: kB = bytes / 1000 at quality 95
-    Image.fromarray((noise[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, "JPEG", quality=95)
-    assert incompress[1].item() == pytest.approx(len(buffer.getvalue()) / 1000)
+    pixels = (noise[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # the same number by hand
+    assert incompress[1].item() == pytest.approx(jpeg_kilobytes_by_hand(pixels))
     assert compress.dtype == torch.float32 and compress.shape == (2,)
 
 
@@ -704,12 +711,7 @@ def test_jpeg_floor_sizes_images_as_the_reward_sees_them():
 
     def kilobytes(model_space):
         pixels = np.round(np.clip(model_space.numpy() / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
-        sizes = []
-        for a in pixels:
-            buffer = io.BytesIO()
-            Image.fromarray(a.transpose(1, 2, 0)).save(buffer, format="JPEG", quality=95)
-            sizes.append(len(buffer.getvalue()) / 1000)
-        return float(np.mean(sizes))
+        return float(np.mean([jpeg_kilobytes_by_hand(a.transpose(1, 2, 0)) for a in pixels]))
 
     assert drawn == pytest.approx(kilobytes(x), abs=1e-6)
     assert noisy == pytest.approx(kilobytes(x + sigma * noise), abs=1e-6)
