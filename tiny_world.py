@@ -1,23 +1,29 @@
-"""The tiny built-in model: a toy image world and the pretraining that produced tiny_model/.
+"""The tiny built-in model: a toy image world and the two-stage pretraining that produced tiny_model/.
 
-DDPO fine-tunes a *pretrained* model: RL only reweights what the model can already draw. A randomly
-initialised model's images hardly differ in JPEG size, so the RL has no signal to work with. So the built-in
-model is first pretrained, with the ordinary DDPM loss (ddpo.ddpm_loss, the same loss RWR uses), on
-procedurally drawn 32x32 images:
-  - the prompt's words pick a palette and a shape (the subject word the palette, the last word the shape),
-    so guidance and per-prompt advantages mean something;
-  - each sample draws a background texture at random, from flat to fine stripes. That gives the JPEG size the
-    spread that compressibility / incompressibility fine-tuning then pushes one way or the other.
+DDPO fine-tunes a *pretrained* model: RL only reweights what the model can already draw. So the built-in model
+is a small Stable Diffusion v1: a VAE (AutoencoderKL, 32x32 images <-> 4x8x8 latents), a UNet2DConditionModel on
+its latents, a CLIPTextModel and a DDIM scheduler, saved by StableDiffusionPipeline.save_pretrained, so the demo
+runs the same latent path as Stable Diffusion and diffusers' own pipeline loads it. Its world is procedurally
+drawn 32x32 pictures:
+  - the prompt's words pick a palette and a shape (the subject word the palette, the last word the shape), so
+    guidance and per-prompt advantages mean something;
+  - the background is tiled in 4x4 tiles, each tile the background colour plus a random colour offset of
+    strength s (s = 0 is a flat background, s = 1 random colours: the world's busiest texture). Each picture
+    draws its s around 0.2. JPEG size rises steeply with s, so compressibility can flatten the backgrounds and
+    incompressibility fill them with confetti: both rewards have room to move.
 
-Normal use never runs this file: tiny_model/ ships with the repository. To rebuild it exactly (about 30
-minutes on 2 CPU cores):
+Stage 1 trains the VAE on the world's pictures at every strength from flat to the busiest (s uniform in
+[0, 1]), so that it keeps the whole range of both rewards (python tiny_world.py --reward-range measures it).
+Stage 2 trains the UNet and the text encoder with the DDPM loss (ddpo.ddpm_loss, the loss RWR uses) on the
+latents of the world as it is drawn. Normal use never runs this file: tiny_model/ ships with the repository.
+To rebuild it (the same seed on the same machine and thread count gives the same files):
 
-    python tiny_world.py --steps 2000 --seed 0 --out tiny_model
-    python tiny_world.py --jpeg-floor    # how far compressibility can go in this world (a few seconds)
+    python tiny_world.py --seed 0 --out tiny_model    # both stages: 17 min on 2 CPU cores (measured)
+    python tiny_world.py --reward-range               # the two JPEG rewards' reference points (under a minute)
+    python tiny_world.py --ddpm-loss                  # the DDPM loss on the model's own samples and on the world's
 """
 import argparse
 import json
-import shutil
 import zlib
 from pathlib import Path
 
@@ -28,7 +34,8 @@ from tqdm import tqdm
 import ddpo
 import runfiles
 
-SIZE = 32
+SIZE, TILE = 32, 4  # pixels; the tiles are the VAE's 4x downsampling, so a tile is one latent position
+STRENGTH_MEDIAN, STRENGTH_SPREAD = 0.2, 0.6  # the world's tile strength: s = 0.2 · exp(0.6 · N(0, 1))
 PALETTES = [  # (background, shape) colours in [0, 1]
     ((0.95, 0.90, 0.75), (0.80, 0.15, 0.10)), ((0.15, 0.25, 0.55), (0.95, 0.80, 0.20)),
     ((0.20, 0.50, 0.25), (0.95, 0.95, 0.95)), ((0.85, 0.85, 0.90), (0.10, 0.10, 0.15)),
@@ -52,19 +59,23 @@ def prompt_attributes(prompt, rng):
     return word_hash(words[0]) % len(PALETTES), word_hash(words[-1]) % len(SHAPES)
 
 
-def draw(prompt, rng, flat=False):
-    """One toy image for a prompt, (3, 32, 32) in [-1, 1] like the model's pixel space. flat: a flat background
-    whatever the draw (for --jpeg-floor; the same random numbers are drawn, so pretraining is unchanged)."""
+def world_strength(rng):
+    """The tile strength s of one picture of the world: log-normal around 0.2 (90% of pictures in 0.075–0.54)."""
+    return STRENGTH_MEDIAN * float(np.exp(STRENGTH_SPREAD * rng.standard_normal()))
+
+
+def draw(prompt, rng, strength=None):
+    """One toy image for a prompt, (3, 32, 32) in [-1, 1] like the VAE's input. strength: the tiles' s; None draws
+    the world's. The same random numbers are drawn either way, so draw(p, rng_i, 0) is draw(p, rng_i)'s picture
+    with a flat background, and draw(p, rng_i, 1) the same picture with the busiest background."""
     palette, shape = prompt_attributes(prompt, rng)
     bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in PALETTES[palette])
+    s = world_strength(rng)
+    s = s if strength is None else strength
+    offsets = rng.uniform(-1, 1, (3, SIZE // TILE, SIZE // TILE)).astype(np.float32)
+    image = np.clip(bg + s * offsets.repeat(TILE, 1).repeat(TILE, 2), 0, 1)
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    # the background texture varies per sample: flat (a third of the time) or stripes of random period/angle
-    amplitude = 0.0 if rng.random() < 1 / 3 else rng.uniform(0.1, 0.45)
-    amplitude = 0.0 if flat else amplitude
-    period, angle = rng.uniform(2.0, 12.0), rng.uniform(0, np.pi)
-    stripes = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
-    image = np.clip(bg * (1 + amplitude * stripes), 0, 1)
-    cy, cx, r = rng.uniform(11, 21), rng.uniform(11, 21), rng.uniform(6, 10)
+    cy, cx, r = rng.uniform(11, 21), rng.uniform(11, 21), rng.uniform(5, 7)
     if SHAPES[shape] == "circle":
         mask = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
     elif SHAPES[shape] == "square":
@@ -75,11 +86,15 @@ def draw(prompt, rng, flat=False):
     return (image * 2 - 1).astype(np.float32)
 
 
+def draw_batch(prompts, rng, strength=None):
+    return torch.from_numpy(np.stack([draw(p, rng, strength) for p in prompts]))
+
+
 def all_prompts():
     """Every prompt the project ships (the held-out sets too: pretraining is the 'internet-scale' stage;
     generalisation is about the RL fine-tuning, which never sees them)."""
     names = [p.stem for p in sorted(runfiles.PROMPTS.glob("*.txt"))] + sorted(runfiles.PROMPT_SETS)
-    return sorted({p for name in names for p in ddpo.load_prompts(name)})
+    return sorted({p for name in names for p in runfiles.load_prompts(name)})
 
 
 def build_tokenizer(prompts, max_length=16):
@@ -97,13 +112,25 @@ def build_tokenizer(prompts, max_length=16):
                                    unk_token="[UNK]", model_max_length=max_length)
 
 
-def build_models(tokenizer):
-    """Random-init tiny UNet (≈1.4M parameters, cross-attention at 8x8), CLIP text encoder, SD-v1 DDIM scheduler."""
+def build_vae():
+    """Random-init VAE: 32x32x3 <-> 8x8x4 (three levels, 4x downsampling), ≈0.95M parameters."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
+                         norm_num_groups=16, sample_size=SIZE)
+
+
+def build_models(tokenizer, vae=None):
+    """Random-init tiny UNet on 4x8x8 latents (≈1.4M parameters, cross-attention at 2x2 and in the middle), CLIP
+    text encoder, SD-v1 DDIM scheduler (v-prediction), and the VAE (a random one unless given)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    vae = vae or build_vae()
     unet = UNet2DConditionModel(
-        sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
+        sample_size=SIZE // TILE, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+        layers_per_block=1, block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
@@ -111,16 +138,17 @@ def build_models(tokenizer):
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    return ddpo.Models(unet, text_encoder, tokenizer, sd_v1_scheduler(prediction_type="v_prediction"), vae=None, device="cpu")
+    return ddpo.Models(unet, text_encoder, tokenizer, sd_v1_scheduler(prediction_type="v_prediction"), vae, device="cpu")
 
 
 def sd_v1_scheduler(**overrides):
     """Stable Diffusion v1's DDIM configuration.
 
-    The tiny model predicts v (as SD 2.x does) rather than ε. With ε-prediction a 32x32 model learns the
-    palette from the noisy image itself: an error in x_0 costs SNR(t) times less in the ε-loss, vanishingly
-    little at high noise. So it ignored the prompt (measured: samples matched the prompt's palette at chance
-    level). With v-prediction it must predict x_0 at high noise, where only the prompt tells it the palette.
+    The tiny model predicts v (as SD 2.x does) rather than ε. With ε-prediction a tiny model learns the
+    palette from the noisy input itself: an error in x_0 costs SNR(t) times less in the ε-loss, vanishingly
+    little at high noise. So it ignored the prompt (measured on an earlier pixel-space tiny model: samples matched
+    the prompt's palette at chance level). With v-prediction it must predict x_0 at high noise, where only the
+    prompt tells it the palette.
     """
     from diffusers import DDIMScheduler
 
@@ -129,15 +157,23 @@ def sd_v1_scheduler(**overrides):
     return DDIMScheduler(**{**config, **overrides})
 
 
-MODEL_INDEX = {"_class_name": "DDPOTinyPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-               "scheduler": ["diffusers", "DDIMScheduler"]}
+def save_pipeline(models, folder):
+    """models as a StableDiffusionPipeline folder (StableDiffusionPipeline.save_pretrained), written to folder.tmp
+    and renamed into place whole."""
+    from diffusers import StableDiffusionPipeline
+
+    with runfiles.atomic_folder(folder) as tmp:
+        StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                unet=models.unet, scheduler=models.scheduler, safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp)
+    return Path(folder)
 
 
 def save_sd_style_pipeline(path, sd14_shapes=False):
     """A StableDiffusionPipeline folder with random weights, for the tests and bench.py (no hub download):
-    16x16 images with 4x8x8 latents, or with sd14_shapes Stable Diffusion v1.4's exact UNet / VAE / text encoder."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    16x16 images with 4x8x8 latents and an ε-predicting UNet, or with sd14_shapes Stable Diffusion v1.4's exact
+    UNet / VAE / text encoder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     big = sd14_shapes
@@ -157,46 +193,66 @@ def save_sd_style_pipeline(path, sd14_shapes=False):
         sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         norm_num_groups=16)
-    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
-                            scheduler=sd_v1_scheduler(), safety_checker=None, feature_extractor=None,  # ε-prediction
-                            requires_safety_checker=False).save_pretrained(path)
-    return Path(path)
+    models = ddpo.Models(unet, CLIPTextModel(text), tokenizer, sd_v1_scheduler(), vae, device="cpu")  # ε-prediction
+    return save_pipeline(models, path)
 
 
-def save_models(models, folder, index=MODEL_INDEX):
-    """Every component in diffusers' save_pretrained layout, written to a temp folder and renamed into place."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("unet", "text_encoder", "tokenizer", "scheduler", "vae"):
-        if getattr(models, name) is not None:
-            getattr(models, name).save_pretrained(tmp / name)
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+# --------------------------------------------------------------------------------------------------------
+# The two stages of pretraining
+# --------------------------------------------------------------------------------------------------------
+
+def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1e-4):
+    """Stage 1: the VAE as an image codec of the world, at every tile strength (s uniform in [0, 1]): L1 + L2
+    reconstruction of a sample of the posterior, plus a small KL to N(0, I) (per pixel value) that keeps the
+    latent space smooth for the diffusion model. Then the scaling factor, 1 / std of the world's latents, as
+    Stable Diffusion's VAE has (0.18215 there), so the UNet sees latents of unit variance."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    prompts = all_prompts()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(100, steps // 10), num_training_steps=steps)
+    vae.train()
+    bar = tqdm(range(steps), desc="stage 1: VAE")
+    for _ in bar:
+        x = torch.from_numpy(np.stack([draw(prompts[rng.integers(len(prompts))], rng, strength=rng.uniform(0, 1))
+                                       for _ in range(batch_size)]))
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = (reconstruction - x).abs().mean() + (reconstruction - x).pow(2).mean() + kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # the world as it is drawn (the UNet's data), 512 pictures
+        x = draw_batch([prompts[i] for i in rng.integers(len(prompts), size=512)], rng)
+        std = vae.encode(x).latent_dist.sample(generator).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae
 
 
-def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
+def pretrain_unet(models, steps, rng, generator, batch_size=64, lr=1e-3, p_uncond=0.1):
+    """Stage 2: the UNet and the text encoder on the world's latents (the frozen VAE's posterior samples, scaled),
+    with the DDPM loss; an EMA of the weights is what is saved."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
     prompts = all_prompts()
-    models = build_models(build_tokenizer(prompts))
     params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
     models.text_encoder.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(100, steps // 10), num_training_steps=steps)
     ema = EMAModel(params, decay=0.999)  # averaged weights sample much cleaner after a short training
-    print(f"{len(prompts)} prompts, vocabulary {len(models.tokenizer)}, "
-          f"UNet {sum(p.numel() for p in models.unet.parameters()):,} parameters")
-    bar = tqdm(range(steps), desc="pretraining")
-    for step in bar:
+    bar = tqdm(range(steps), desc="stage 2: UNet")
+    for _ in bar:
         batch = [("" if rng.random() < p_uncond else prompts[rng.integers(len(prompts))]) for _ in range(batch_size)]
-        x0 = torch.from_numpy(np.stack([draw(p, rng) for p in batch]))
-        loss = ddpo.ddpm_loss(models, x0, ddpo.encode_prompts(models, batch), *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
+        with torch.no_grad():
+            x0 = models.vae.encode(draw_batch(batch, rng)).latent_dist.sample(generator) * models.vae.config.scaling_factor
+        loss = ddpo.ddpm_loss(models, x0, ddpo.encode_prompts(models, batch),
+                              *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -205,53 +261,114 @@ def pretrain(steps, seed, out, batch_size=64, lr=1e-3, p_uncond=0.1):
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
-    save_models(models, out)
+    models.text_encoder.eval()
+    return models
+
+
+def build(seed, out, vae_steps=1500, unet_steps=4000):
+    """Both stages from one seed, then tiny_model/ as a StableDiffusionPipeline folder."""
+    runfiles.quiet_libraries()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    vae = pretrain_vae(build_vae(), vae_steps, rng, generator)
+    models = build_models(build_tokenizer(all_prompts()), vae)
+    print(f"VAE scaling factor {vae.config.scaling_factor:.4f}; UNet "
+          f"{sum(p.numel() for p in models.unet.parameters()):,} parameters, vocabulary {len(models.tokenizer)}")
+    pretrain_unet(models, unet_steps, rng, generator)
+    save_pipeline(models, out)
     print(f"saved {out}")
 
 
+# --------------------------------------------------------------------------------------------------------
+# How far each JPEG reward can go in this world
+# --------------------------------------------------------------------------------------------------------
+
 def jpeg_sizes(models, x, sigma, generator):
-    """Mean JPEG kB of pixel-space images x (in [-1, 1], the model's space) as the reward sees them, through
-    ddpo.decode to [0, 1]: as they are, and with N(0, sigma^2) noise added in the model's space (the last DDIM
-    step's, which the sampler adds before decoding)."""
+    """Mean JPEG kB of images x (in [-1, 1]) as the reward sees them: encoded by the VAE (the posterior's mean,
+    scaled), given the last DDIM step's noise N(0, sigma²) in that latent space (the sampler's last action adds
+    it), and decoded by ddpo.decode to [0, 1]. Returns (the images as drawn, the VAE's reconstruction without the
+    noise, with it)."""
     import rewards
 
-    noisy = x + sigma * torch.randn(x.shape, generator=generator)
-    return tuple(rewards.jpeg_kilobytes(ddpo.decode(models, y)).mean().item() for y in (x, noisy))
+    with torch.no_grad():
+        z = models.vae.encode(x).latent_dist.mode() * models.vae.config.scaling_factor
+    noisy = z + sigma * torch.randn(z.shape, generator=generator)
+    drawn = rewards.jpeg_kilobytes((x / 2 + 0.5).clamp(0, 1))
+    return tuple(k.mean().item() for k in (drawn, *(rewards.jpeg_kilobytes(ddpo.decode(models, y)) for y in (z, noisy))))
 
 
-def jpeg_floor(n=64, seed=0):
-    """How small compressibility can make an image in this world: JPEG sizes (kB) of drawn images as drawn, and with
-    the policy's own noise at its last DDIM step (η = 1, the default T), which survives unless the picture is pushed
-    past the pixel range (decode clamps it to [0, 1], so noise around a mean beyond white or black vanishes)."""
+def reward_range(n=64, seed=0, model="tiny"):
+    """The two JPEG rewards' reference points, with the training prompts (the jpeg rewards' default set): the world
+    as drawn, the same pictures with flat backgrounds (the flattest end: shapes kept) and with the busiest tiles
+    (s = 1, the busiest end), each through the VAE and the last DDIM step's noise (η = 1, the default T)."""
+    import rewards
+
     runfiles.quiet_libraries()
-    models = ddpo.load_models("tiny", "cpu")
-    args = ddpo.parse_args([])
+    models = ddpo.load_models(model, "cpu")
+    args = ddpo.parse_args(["--reward", "jpeg"])
     models.scheduler.set_timesteps(args.num_steps)
+    shape = (1, models.unet.config.in_channels, models.unet.config.sample_size, models.unet.config.sample_size)
     t = models.scheduler.timesteps[-1:]
-    sigma = ddpo.ddim_step(models.scheduler, torch.zeros(1, 3, SIZE, SIZE), torch.zeros(1, 3, SIZE, SIZE), t, args.eta)[1].item()
-    every = all_prompts()
-    prompts = [every[i] for i in np.random.default_rng(seed).integers(len(every), size=n)]
-    sets = {"drawn images": [draw(p, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)],
-            "the same, with flat backgrounds": [draw(p, np.random.default_rng([seed, i]), flat=True)
-                                                for i, p in enumerate(prompts)],  # same palettes, shapes, places
-            "a flat grey image (no shape)": [np.zeros((3, SIZE, SIZE), np.float32)] * n,
-            "a flat image past white (x = 1.1, no shape)": [np.full((3, SIZE, SIZE), 1.1, np.float32)] * n}
+    sigma = ddpo.ddim_step(models.scheduler, torch.zeros(shape), torch.zeros(shape), t, args.eta)[1].item()
+    training = runfiles.load_prompts(rewards.DEFAULT_PROMPTS[args.reward])
+    prompts = [training[i] for i in np.random.default_rng(seed).integers(len(training), size=n)]
     generator = torch.Generator().manual_seed(seed)
-    print(f"the last DDIM step's sigma at T = {args.num_steps}, eta = {args.eta:g}: {sigma:.4f}")
-    for name, images in sets.items():
-        drawn, noisy = jpeg_sizes(models, torch.from_numpy(np.stack(images)), sigma, generator)
-        print(f"{name} ({n}): {drawn:.3f} kB as drawn, {noisy:.3f} kB with that noise")
+    print(f"{n} pictures of prompts from {rewards.DEFAULT_PROMPTS[args.reward]}; the last DDIM step's σ at T = "
+          f"{args.num_steps}, η = {args.eta:g}: {sigma:.4f} (in the scaled latent space)")
+    print("JPEG kB (quality 95): as drawn | VAE reconstruction | VAE + the last step's noise (as the reward sees them)")
+    rows = {"the world as drawn": None, "flattest end: flat backgrounds, shapes kept": 0.0,
+            "busiest end: the busiest tiles (s = 1)": 1.0}
+    for name, strength in rows.items():
+        x = torch.from_numpy(np.stack([draw(p, np.random.default_rng([seed, i]), strength) for i, p in enumerate(prompts)]))
+        drawn, decoded, noisy = jpeg_sizes(models, x, sigma, generator)
+        print(f"  {name:46s} {drawn:.3f} | {decoded:.3f} | {noisy:.3f}")
+
+
+def ddpm_loss_gap(n=64, seed=0, model="tiny", draws=8):
+    """What RWR trains on, against what the model was pretrained on: the DDPM loss (ddpo.ddpm_loss) of `model` on its
+    own samples (ddpo.py's default sampler: T, η, w) and on the world's pictures (the VAE's posterior mean, scaled),
+    with the same prompts, timesteps and noise, averaged over `draws` draws of (t, ε); both sets' JPEG sizes and
+    the standard deviation of their (scaled) latents.
+    RWR at a small β is nearly the plain DDPM loss on the model's own samples, so it pulls the model towards what
+    its sampler draws, whichever way the reward points."""
+    import rewards
+
+    runfiles.quiet_libraries()
+    models = ddpo.load_models(model, "cpu")
+    args = ddpo.parse_args(["--reward", "jpeg"])
+    training = runfiles.load_prompts(rewards.DEFAULT_PROMPTS[args.reward])
+    prompts = [training[i] for i in np.random.default_rng(seed).integers(len(training), size=n)]
+    traj, images = ddpo.sample(models, prompts, args, ddpo.noise_generators(seed, range(n), stream=3), args.sample_batch_size)
+    world = torch.from_numpy(np.stack([draw(p, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)]))
+    with torch.no_grad():
+        latents = {"its own samples": traj.states[:, -1],
+                   "the world's pictures": models.vae.encode(world).latent_dist.mode() * models.vae.config.scaling_factor}
+        cond, generator = ddpo.encode_prompts(models, prompts), torch.Generator().manual_seed(seed)
+        noise = [ddpo.ddpm_noise(models.scheduler, latents["its own samples"].shape, generator) for _ in range(draws)]
+        kb = {"its own samples": rewards.jpeg_kilobytes(images).mean().item(),
+              "the world's pictures": rewards.jpeg_kilobytes(ddpo.decode(models, latents["the world's pictures"])).mean().item()}
+        print(f"model {model}: DDPM loss (mean of {n} prompts x {draws} draws of t, ε; the same draws for both) and JPEG kB")
+        for name, x0 in latents.items():
+            loss = torch.stack([ddpo.ddpm_loss(models, x0, cond, t, e) for t, e in noise]).mean().item()
+            print(f"  on {name:20s} loss {loss:.4f} | {kb[name]:.3f} kB | latent std {x0.std().item():.3f}")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Pretrain the tiny built-in model on the toy world.")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps of batch 64")
+    p = argparse.ArgumentParser(description="Pretrain the tiny built-in model on the toy world (VAE, then UNet).")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="tiny_model", help="output folder (diffusers save_pretrained layout)")
-    p.add_argument("--jpeg-floor", action="store_true", help="print JPEG sizes of the world's images, as drawn and "
-                   "with the last DDIM step's noise (how far compressibility can go), and exit")
+    p.add_argument("--out", default="tiny_model", help="output folder (StableDiffusionPipeline.save_pretrained)")
+    p.add_argument("--vae-steps", type=int, default=1500, help="stage 1: VAE optimizer steps of batch 64")
+    p.add_argument("--unet-steps", type=int, default=4000, help="stage 2: UNet optimizer steps of batch 64")
+    p.add_argument("--reward-range", action="store_true", help="print the JPEG sizes of the world's pictures, with "
+                   "flat and with the busiest backgrounds, as the reward sees them (VAE + last-step noise), and exit")
+    p.add_argument("--ddpm-loss", action="store_true", help="print the DDPM loss of --model on its own samples and on "
+                   "the world's pictures (what RWR trains on, against what it was pretrained on), and exit")
+    p.add_argument("--model", default="tiny", help="with --reward-range or --ddpm-loss: the model (or a run folder)")
     a = p.parse_args()
-    if a.jpeg_floor:
-        jpeg_floor(seed=a.seed)
+    if a.reward_range:
+        reward_range(seed=a.seed, model=a.model)
+    elif a.ddpm_loss:
+        ddpm_loss_gap(seed=a.seed, model=a.model)
     else:
-        pretrain(a.steps, a.seed, a.out)
+        build(a.seed, a.out, a.vae_steps, a.unet_steps)
