@@ -1,9 +1,15 @@
 """Speed and memory of one DDPO round, and the cost of the rollout's log-probs. Prints figures; asserts nothing.
 
+    python bench.py --rounds                # ddpo.py's default rounds: the built-in model against the pixel-space one
     python bench.py                         # the tiny model and a tiny SD-style pipeline, on this machine
     python bench.py --models sd14 --device cuda --mixed-precision fp16 --lora-rank 4 --batch-size 1
     python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
     python bench.py --processes 1,2                 # whole epochs of ddpo.py by 1 and 2 processes (torchrun)
+
+--rounds: samples per second of whole training epochs (sampling + reward + training, without the per-epoch eval)
+of `python ddpo.py` with its defaults, and each process's peak memory, for this checkout and for the checkout of
+--old-commit (by default the last commit whose tiny_model/ was the 32x32 pixel-space model), each run by its own
+code, alternately (--repeats times each, the fastest kept), so the machine's drift hits both alike.
 
 For each model: seconds per round split into sampling / reward / training, samples per second, peak memory,
 and the time of ddpo.rollout (DDIM step + exact log-prob, trajectory stored) relative to a plain diffusers
@@ -11,10 +17,9 @@ DDIM sampling loop on the same model and steps (target: ≤ 1.05x). 'sd14' build
 UNet / VAE / text-encoder configuration with random weights: speed and memory do not depend on the weights'
 values, and no hub download is needed.
 
---processes N,M,…: samples per second of whole training epochs (sampling + reward + training, without the
-per-epoch eval) of `python ddpo.py` with its defaults on the tiny model, run by one plain process and by torchrun
-with N processes. On CPU the cores are shared: each of N processes gets cores / N threads. With --device cuda,
-each process gets its own GPU.
+--processes N,M,…: samples per second of whole training epochs of `python ddpo.py` with its defaults on the tiny
+model, run by one plain process and by torchrun with N processes. On CPU the cores are shared: each of N processes
+gets cores / N threads. With --device cuda, each process gets its own GPU.
 """
 import argparse
 import json
@@ -88,7 +93,7 @@ def timed(fn, device):
 
 def bench(name, path, opts):
     argv = ["--model", path, "--device", opts.device, "--mixed-precision", opts.mixed_precision, "--num-steps",
-            str(opts.num_steps), "--samples-per-epoch", str(opts.batch_size), "--sample-batch-size", str(opts.batch_size),
+            str(opts.num_steps), "--samples-per-epoch", str(opts.batch_size), "--samples-per-prompt", str(opts.batch_size), "--sample-batch-size", str(opts.batch_size),
             "--train-batch-size", str(opts.batch_size), "--num-minibatches", "1", "--algo", "is"]
     if opts.lora_rank is not None:
         argv += ["--lora-rank", str(opts.lora_rank)]
@@ -106,7 +111,7 @@ def bench(name, path, opts):
     noise = lambda: ddpo.noise_generators(0, range(len(prompts)))  # noqa: E731
     ddpo.rollout(models, prompts, args, noise())  # warm-up (kernels, allocator)
     plain_s, ours_s = [], []
-    for _ in range(opts.repeats):  # alternated, and the fastest of each kept: the machine's drift hits both alike
+    for _ in range(opts.repeats or 5):  # alternated, and the fastest of each kept: the machine's drift hits both alike
         plain_s.append(timed(lambda: plain_diffusers_loop(models, prompts, args, g()), args.device)[0])
         reset_peak(cuda)
         t, traj = timed(lambda: ddpo.rollout(models, prompts, args, noise()), args.device)
@@ -127,25 +132,67 @@ def bench(name, path, opts):
           f"{opts.batch_size / round_s:.2f} samples/s | peak {peak} | rollout / plain diffusers loop {ours / plain:.3f}x")
 
 
+OLD_COMMIT = "708a1a3"  # the last commit whose tiny_model/ was the 32x32 pixel-space model (ddpo.py's defaults of then)
+
+
+def ddpo_epochs(repo, launcher, argv, threads):
+    """Run repo's ddpo.py with argv and its defaults otherwise; returns (seconds per epoch of epochs 2…E without the
+    eval, samples per epoch, the process's peak RSS in GiB)."""
+    with tempfile.TemporaryDirectory() as out:
+        argv = [str(Path(repo) / "ddpo.py"), *argv, "--out-dir", out, "--run-name", "r"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        with tempfile.TemporaryFile("w+") as log:
+            child = subprocess.Popen(launcher + argv, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT, text=True)
+            _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS (ru_maxrss, KiB on Linux)
+            child.returncode = os.waitstatus_to_exitcode(status)
+            if child.returncode:
+                log.seek(0)
+                sys.exit(f"{' '.join(launcher + argv)} failed:\n{log.read()[-2000:]}")
+        rows = [json.loads(line) for line in (Path(out) / "r" / "metrics.jsonl").read_text().splitlines()][2:]
+        samples = json.loads((Path(out) / "r" / "args.json").read_text())["samples_per_epoch"]
+    epoch_s = sum(r["time/sample_s"] + r["time/reward_s"] + r["time/train_s"] for r in rows) / len(rows)
+    return epoch_s, samples, usage.ru_maxrss / 2**20
+
+
+def bench_rounds(opts):
+    """ddpo.py's default rounds on the built-in model, this checkout against --old-commit's, alternately."""
+    here = Path(__file__).resolve().parent
+    argv = ["--epochs", str(opts.epochs), "--device", opts.device, "--mixed-precision", opts.mixed_precision]
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as old:
+        archive = subprocess.run(["git", "-C", str(here), "archive", opts.old_commit], capture_output=True)
+        if archive.returncode:
+            sys.exit(f"cannot check out commit {opts.old_commit} ({archive.stderr.decode().strip()}): --rounds needs "
+                     f"the repository's history (a full clone)")
+        subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+        runs = {"this checkout": here, f"commit {opts.old_commit}": Path(old)}
+        best = {}
+        for _ in range(opts.repeats or 2):
+            for name, repo in runs.items():
+                epoch_s, samples, peak = ddpo_epochs(repo, [sys.executable], argv, threads)
+                if name not in best or epoch_s < best[name][0]:
+                    best[name] = (epoch_s, samples, peak)
+    for name, (epoch_s, samples, peak) in best.items():
+        print(f"{name:16s} | ddpo.py's defaults, {threads} threads | {epoch_s:.2f} s per epoch of {samples} samples, "
+              f"without eval | {samples / epoch_s:.2f} samples/s | peak RSS {peak:.2f} GiB")
+    (new_s, new_n, _), (old_s, old_n, _) = best.values()
+    print(f"samples/s, this checkout / commit {opts.old_commit}: {(new_n / new_s) / (old_n / old_s):.2f}x "
+          f"(the fastest of {opts.repeats or 2} runs each, {opts.epochs} epochs a run, the first not timed)")
+
+
 def bench_processes(counts, opts):
     """samples/s of ddpo.py's epochs 2…E (epoch 1 warms up), by 1 plain process or N torchrun processes."""
     cores = os.cpu_count() or 1
+    here = Path(__file__).resolve().parent
     for n in counts:
-        with tempfile.TemporaryDirectory() as out:
-            launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else [])
-            argv = [str(Path(__file__).with_name("ddpo.py")), "--epochs", str(opts.epochs), "--out-dir", out, "--run-name", "r",
-                    "--device", opts.device, "--mixed-precision", opts.mixed_precision]
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
-            start = time.time()
-            done = subprocess.run(launcher + argv, env=env, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{n} process(es) failed:\n{done.stderr[-2000:]}")
-            rows = [json.loads(line) for line in (Path(out) / "r" / "metrics.jsonl").read_text().splitlines()][2:]
-            epoch_s = sum(r["time/sample_s"] + r["time/reward_s"] + r["time/train_s"] for r in rows) / len(rows)
-            samples = ddpo.Args().samples_per_epoch
-            print(f"{n} process(es) x {env['OMP_NUM_THREADS'] if opts.device == 'cpu' else 1} thread(s) | "
-                  f"{epoch_s:.2f} s per epoch of {samples} samples, without eval | {samples / epoch_s:.2f} samples/s | "
-                  f"whole command {time.time() - start:.0f} s")
+        launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else [])
+        argv = ["--epochs", str(opts.epochs), "--device", opts.device, "--mixed-precision", opts.mixed_precision]
+        threads = max(1, cores // n)
+        start = time.time()
+        epoch_s, samples, _ = ddpo_epochs(here, launcher, argv, threads)
+        print(f"{n} process(es) x {threads if opts.device == 'cpu' else 1} thread(s) | "
+              f"{epoch_s:.2f} s per epoch of {samples} samples, without eval | {samples / epoch_s:.2f} samples/s | "
+              f"whole command {time.time() - start:.0f} s")
 
 
 def main():
@@ -158,14 +205,21 @@ def main():
     p.add_argument("--lora-rank", type=int, default=None, help="default: ddpo.py's (0 for tiny, 4 otherwise)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=5, help="rollouts timed per loop, alternating (the fastest is printed)")
+    p.add_argument("--repeats", type=int, help="rollouts timed per loop (default 5), or with --rounds runs of each "
+                                                "checkout (default 2), alternating; the fastest is printed")
     p.add_argument("--processes", help="comma-separated process counts, e.g. 1,2: time ddpo.py's epochs under torchrun "
                                        "instead of the models above")
-    p.add_argument("--epochs", type=int, default=4, help="with --processes: epochs per command (the first is not timed)")
+    p.add_argument("--epochs", type=int, default=4, help="with --processes or --rounds: epochs per command (the first "
+                                                          "is not timed)")
+    p.add_argument("--rounds", action="store_true", help="time ddpo.py's default rounds on the built-in model, this "
+                                                          "checkout against --old-commit's, instead of the models above")
+    p.add_argument("--old-commit", default=OLD_COMMIT, help="with --rounds: the commit to time against")
     opts = p.parse_args()
     runfiles.quiet_libraries()
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
+    if opts.rounds:
+        return bench_rounds(opts)
     if opts.processes:
         return bench_processes([int(n) for n in opts.processes.split(",")], opts)
     for name in opts.models.split(","):

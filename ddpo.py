@@ -10,7 +10,7 @@ This file reads top to bottom like the paper:
     Args → DDIM step and log-prob (§3.1) → models → MDP rollout (§4.3) → prompts, rewards, advantages (§4.4)
     → the four estimators (§4.2, §4.4) → train() → main.
 
-    python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~8 minutes
+    python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~9 minutes
     python ddpo.py --help                                # every flag, with the paper's symbol
     python -m pytest -q -n 2 --dist loadgroup            # the tests pin every formula with numbers
 """
@@ -55,16 +55,18 @@ class Args:
                               f"own as module:function or path/to/file.py:function (README: Your own reward)")
     algo: str = arg("is", "estimator: sf = DDPO_SF (REINFORCE), is = DDPO_IS (clipped importance sampling), "
                           "rwr = RWR exponential weights, rwr-sparse = RWR sparse weights (paper §4.2, §4.4)")
-    model: str = arg("tiny", "'tiny' (built-in 32x32 pixel model), a Stable-Diffusion-style diffusers folder or hub "
-                             "id (e.g. CompVis/stable-diffusion-v1-4), or a run folder (its base model + last checkpoint)")
+    model: str = arg("tiny", "'tiny' (the built-in Stable Diffusion v1-style model: 32x32 images, 4x8x8 latents), a "
+                             "Stable-Diffusion-style diffusers folder or hub id (e.g. CompVis/stable-diffusion-v1-4), "
+                             "or a run folder (its base model + last checkpoint)")
     lora_rank: Optional[int] = arg(None, "LoRA rank on the UNet's attention projections; 0 = full fine-tuning. "
-                                         "Default: 0 for the tiny model, 4 otherwise (the PyTorch port's setting)")
+                                         "Default: 0 for the tiny model (it learns faster so), 4 otherwise (the "
+                                         "PyTorch port's setting)")
     mixed_precision: str = arg("no", "no | fp16 | bf16: frozen weights and the forward pass in that dtype; trainable "
                                      "weights, latents and every log-prob stay fp32")
     prompts: str = arg("", "prompt set p(c): a name in prompts/ (e.g. simple_animals, alignment) or a file path; "
                            "default: the reward's set from the paper")
     seed: int = arg(0, "fixes prompts, noise and therefore results on CPU")
-    epochs: int = arg(20, "rounds of (sample, score, train)")
+    epochs: int = arg(150, "rounds of (sample, score, train)")
     run_name: str = arg("", "folder name under --out-dir; default {reward}__{algo}__{seed}__{time}")
     out_dir: str = arg("runs", "where runs are written")
     save_every: int = arg(5, "write a checkpoint every N epochs (and after the last)")
@@ -81,11 +83,12 @@ class Args:
     collective_timeout: float = arg(600.0, "under torchrun, seconds a process waits for the others at a gather or "
                                            "all-reduce before it stops with an error")
     # --- sampling: the policy (§3.1)
-    samples_per_epoch: int = arg(16, "trajectories sampled per round (paper: 256)")
-    samples_per_prompt: int = arg(4, "k: each round draws samples_per_epoch / k prompts and k trajectories of each "
+    samples_per_epoch: int = arg(64, "trajectories sampled per round (paper: 256)")
+    samples_per_prompt: int = arg(8, "k: each round draws samples_per_epoch / k prompts and k trajectories of each "
                                      "(distinct noise); with k ≥ 2 a prompt's advantage uses its own group's statistics "
                                      "until its buffer holds --min-count rewards (group sampling, as in Flow-GRPO)")
-    sample_batch_size: int = arg(16, "trajectories per sampling forward pass")
+    sample_batch_size: int = arg(64, "trajectories per sampling forward pass (a round with fewer samples per process is "
+                                 "one batch)")
     num_steps: int = arg(20, "T, DDIM denoising steps per trajectory (paper: 50)")
     eta: float = arg(1.0, "η, DDIM noise scale, 0 < η ≤ 1: σ_t must be > 0 for the policy to have a density, and "
                           "above 1 the DDIM mean is undefined (paper: 1)")
@@ -94,21 +97,24 @@ class Args:
     advantage: str = arg("per-prompt", "per-prompt: normalise r by each prompt's recent rewards; batch: normalise by "
                                        "the round's mean and std; value: r − V_φ(x_t, t, c), DPOK's learned baseline "
                                        "(sf, is)")
-    buffer_size: int = arg(16, "rewards kept per prompt by the per-prompt tracker")
-    min_count: int = arg(16, "a prompt uses its buffer's statistics once it has this many rewards; before, its "
-                             "group's (--samples-per-prompt ≥ 2) or else the batch's")
+    buffer_size: int = arg(8, "rewards kept per prompt by the per-prompt tracker (the default, k: the buffer holds "
+                              "this round's group, so each sample is normalised by its group; PyTorch port: 16)")
+    min_count: int = arg(8, "a prompt uses its buffer's statistics once it has this many rewards; before, its "
+                            "group's (--samples-per-prompt ≥ 2) or else the batch's (PyTorch port: 16)")
     adv_clip: float = arg(5.0, "advantages are clipped to ±adv_clip")
     # --- optimisation
-    lr: float = arg(1e-4, "AdamW learning rate (the tiny model's full fine-tuning; LoRA on SD: 3e-4)")
+    lr: float = arg(2e-4, "AdamW learning rate (the tiny model's full fine-tuning; LoRA on SD: 3e-4)")
     max_grad_norm: float = arg(1.0, "gradient norm clip")
     num_minibatches: int = arg(2, "optimizer steps per inner epoch (is, rwr, rwr-sparse; paper: 4). DDPO_IS needs ≥ 2 "
                                   "steps a round: its first step is at θ = θ_old, where the ratio is 1 and the update "
                                   "is DDPO_SF's. sf always takes one step per round: its samples must come from θ")
     inner_epochs: int = arg(1, "passes over each round's samples (is, rwr, rwr-sparse)")
-    train_batch_size: int = arg(4, "samples per training forward pass; a minibatch larger than this is "
+    train_batch_size: int = arg(32, "samples per training forward pass; a minibatch larger than this is "
                                    "accumulated over several passes")
     timestep_fraction: float = arg(1.0, "fraction of the T timesteps trained on, drawn per sample")
-    clip_range: float = arg(1e-4, "ε, DDPO_IS ratio clip: loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε))")
+    clip_range: float = arg(1e-3, "ε, DDPO_IS ratio clip: loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) (paper: 1e-4 "
+                                  "on SD's 16,384 latent values; the log-ratio is a mean over them, whose spread "
+                                  "grows like 1/√D, so the tiny model's 256 take 8x that)")
     rwr_weights: str = arg("reward", "what RWR's weights exponentiate: reward = the paper's w = exp(β·r)/Z; "
                                         "advantage = w = exp(β·A)/Z on the normalised, clipped advantage A")
     rwr_beta: float = arg(1.0, "β ≥ 0, RWR inverse temperature in w = exp(β·r)/Z or exp(β·A)/Z (see --rwr-weights)")
@@ -145,7 +151,7 @@ def known_reward(name):
 
 
 def parse_args(argv=None) -> Args:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, fromfile_prefix_chars="@")
     for f in dataclasses.fields(Args):
         kind = {"rwr_threshold": float, "lora_rank": int}.get(f.name, f.type)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind if f.name != "export" else str, default=f.default,
@@ -180,8 +186,15 @@ def complete(args, typed=frozenset(), error=fail):
             error(f"{flag(name)} {getattr(args, name)!r} is not one of {', '.join(allowed)}")
     if problem := runfiles.range_problem(args):
         error(problem)
+    if problem := runfiles.device_problem(args.device):
+        error(problem + ("; the run was made there: resume it here with --device cpu"
+                         if args.resume and "device" not in typed else ""))
+    if args.advantage == "per-prompt" and args.min_count > args.buffer_size:
+        error(f"--min-count {args.min_count} is more than --buffer-size {args.buffer_size}: a prompt's buffer could "
+              f"never hold enough rewards for its own statistics")
     minibatches, world = round_plan(args, args.num_steps)[0], int(os.environ.get("WORLD_SIZE", 1))
-    for name, n in (("--sample-batch-size", args.sample_batch_size), ("--samples-per-prompt", args.samples_per_prompt),
+    sample_batch = args.sample_batch_size if args.sample_batch_size < args.samples_per_epoch // world else 1  # or one batch
+    for name, n in (("--sample-batch-size", sample_batch), ("--samples-per-prompt", args.samples_per_prompt),
                     ("--num-minibatches", minibatches), ("the number of processes (torchrun)", world)):
         if args.samples_per_epoch % n:
             error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
@@ -277,20 +290,21 @@ def gaussian_kl(mean, mean_pre, sigma_t):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Models: the tiny built-in model and Stable Diffusion load through the same from_pretrained calls
+# Models: the tiny built-in model and Stable Diffusion are the same kind, loaded through the same from_pretrained calls
 # ----------------------------------------------------------------------------------------------------------
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as in the PyTorch port
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # a Stable Diffusion v1-style pipeline's
 
 
 @dataclass
 class Models:
-    unet: torch.nn.Module  # ε_θ(x_t, t, c): the only part trained (all of it, or a LoRA adapter on it)
+    unet: torch.nn.Module  # ε_θ(x_t, t, c) on latents: the only part trained (all of it, or a LoRA adapter on it)
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object  # DDIMScheduler
-    vae: Optional[torch.nn.Module]  # None: the model works in pixel space
+    vae: torch.nn.Module  # AutoencoderKL: the policy acts on its latents, the reward sees its decoded images
     device: str
     dtype: torch.dtype = torch.float32  # of the frozen weights and the UNet's forward pass (autocast)
     reference: Optional[torch.nn.Module] = None  # a frozen copy of the UNet as loaded: π_pre under full fine-tuning
@@ -300,8 +314,8 @@ class Models:
 
 
 def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
-    """A diffusers folder or hub id (unet, text_encoder, tokenizer, scheduler, + vae if listed), or a run folder:
-    its base model with the trainable weights of its last checkpoint."""
+    """A Stable Diffusion v1-style diffusers folder or hub id (unet, vae, text_encoder, tokenizer, scheduler; the
+    built-in 'tiny' is one), or a run folder: its base model with the trainable weights of its last checkpoint."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -316,19 +330,22 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
         return models
     path = str(TINY_MODEL if name == "tiny" else name)
     try:
-        components = DiffusionPipeline.load_config(path)  # model_index.json
+        index = DiffusionPipeline.load_config(path)  # model_index.json
+        if missing := [c for c in COMPONENTS if c not in index or index[c][0] is None]:
+            fail(f"model {name} has no {', '.join(missing)}: it needs a Stable Diffusion-style pipeline's "
+                 f"{', '.join(COMPONENTS)}")
         models = Models(
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
             tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae") if "vae" in components else None,
-            device=device, dtype=PRECISIONS[mixed_precision])
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"), device=device, dtype=PRECISIONS[mixed_precision])
     except Exception as e:  # OSError, ValueError, or a damaged weights file's own error (SafetensorError, …)
         fail(runfiles.model_load_error(name, e))
+    if problem := runfiles.mismatched_components(models):
+        fail(f"model {name} does not fit together: {problem}")
     for module in (models.text_encoder, models.vae):  # frozen: no gradients, stored in the run's precision
-        if module is not None:
-            module.requires_grad_(False).eval().to(device, models.dtype)
+        module.requires_grad_(False).eval().to(device, models.dtype)
     if lora_rank > 0:
         from peft import LoraConfig
 
@@ -354,10 +371,10 @@ def encode_prompts(models, prompts):
 
 @torch.no_grad()
 def decode(models, x0):
-    """x_0 (latent or pixel) → images in [0, 1], (B, 3, H, W) fp32."""
-    if models.vae is not None:
-        x0 = models.vae.decode(x0.to(models.vae.dtype) / models.vae.config.scaling_factor).sample
-    return (x0.float() / 2 + 0.5).clamp(0, 1)
+    """Latents x_0 → images in [0, 1], (B, 3, H, W) fp32: the VAE decodes x_0 / scaling_factor (the UNet works on
+    latents scaled to unit variance), as StableDiffusionPipeline does."""
+    images = models.vae.decode(x0.to(models.vae.dtype) / models.vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def ddpm_noise(scheduler, shape, generator):
@@ -825,6 +842,8 @@ def train(args, reward_fn=None):
     rank, world = distributed()
     runfiles.quiet_libraries()
     run_dir = Path(args.out_dir) / args.run_name
+    if not args.resume and runfiles.holds_run(run_dir):  # a run is only ever continued, never overwritten
+        fail(f"{run_dir} exists: continue it with --resume {run_dir}, or choose another --run-name")
     prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
     try:
         if rank == 0:  # process 0 alone writes the run's files
@@ -858,7 +877,7 @@ def train(args, reward_fn=None):
         print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
               f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
     metrics = run_dir / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines()] if start and rank == 0 else []
+    history = runfiles.read_metrics(metrics) if start and rank == 0 else []
     history = [h for h in history if h["epoch"] <= start]  # epochs after the checkpoint are done again
     eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
     uncond = encode_prompts(models, [""])  # c = ∅ for classifier-free guidance, (1, L, D)

@@ -240,6 +240,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the whole usage block
         fail(f"{message} (see --help)")
 
+    def convert_arg_line_to_args(self, line):
+        """@file arguments (configs/*.txt): flags and values split on white space; '#' starts a comment."""
+        return line.split("#", 1)[0].split()
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # "(default: …)" only where there is one; the help text explains the rest
@@ -269,6 +273,25 @@ def check_scheduler(scheduler, num_steps):
         return (f"timestep_spacing={config.timestep_spacing!r} with {num_steps} steps gives timesteps that "
                 f"DDIMScheduler.step does not step between; use 'leading' or 'trailing' with a T that divides "
                 f"{config.num_train_timesteps}")
+    return None
+
+
+def mismatched_components(models):
+    """Why a pipeline's components cannot work together, or None: the UNet must take the VAE's latents (channels,
+    and the VAE's image size divided by its downsampling), the text encoder's states must be the size its
+    cross-attention takes, and every token id must be one the text encoder has."""
+    unet, vae, text = models.unet.config, models.vae.config, models.text_encoder.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)  # each VAE level but the last halves the image
+    if vae.latent_channels != unet.in_channels:
+        return f"its VAE has {vae.latent_channels} latent channels and its UNet takes {unet.in_channels} input channels"
+    if unet.sample_size * factor != vae.sample_size:
+        return (f"its UNet's sample size {unet.sample_size} is not its VAE's image size {vae.sample_size} divided by "
+                f"the VAE's downsampling {factor} ({vae.sample_size / factor:g})")
+    if text.hidden_size != unet.cross_attention_dim:
+        return (f"its text encoder's hidden size {text.hidden_size} is not its UNet's cross-attention size "
+                f"{unet.cross_attention_dim}")
+    if len(models.tokenizer) > text.vocab_size:
+        return f"its tokenizer has {len(models.tokenizer)} tokens and its text encoder only {text.vocab_size}"
     return None
 
 
@@ -324,8 +347,31 @@ def together():
             raise Agreed(f"process {rank}: {e}")
 
 
+def read_metrics(path):
+    """A run's metrics.jsonl, one dict per epoch; a damaged file is one line naming the file and the line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {path} ({why(e)})")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path} is damaged at line {number} ({e.msg}): restore it, or start a new run")
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            fail(f"{path} is damaged at line {number} (not an epoch's metrics): restore it, or start a new run")
+        rows.append(row)
+    return rows
+
+
 def is_run(path):
     return (Path(path) / "args.json").is_file()
+
+
+def holds_run(path):
+    """Whether the folder holds any of a run's files: a new run there would overwrite one."""
+    return any((Path(path) / name).exists() for name in ("args.json", "metrics.jsonl", "checkpoints"))
 
 
 def load_run_args(run_dir):
@@ -363,7 +409,13 @@ def compute_rewards(reward_fn, name, images, prompts):
         which = f"sample {culprit} (prompt {prompts[culprit]!r})" if culprit is not None else f"a batch of {len(prompts)}"
         raise RunError(f"reward {name!r} raised {why(e)} on {which}") from e
     r, extras = out if isinstance(out, tuple) else (out, {})
-    r = torch.as_tensor(r, dtype=torch.float32).cpu()
+    if isinstance(r, torch.Tensor):  # a score, not a loss: DDPO's gradient never flows through the reward (§4)
+        r = r.detach()
+    try:
+        r = torch.as_tensor(r, dtype=torch.float32).cpu()
+    except (TypeError, ValueError, RuntimeError) as e:  # strings, None, ragged lists, …
+        raise RunError(f"reward {name!r} returned {type(r).__name__} that is not numbers ({why(e)}): it must return "
+                       f"{len(prompts)} numbers") from e
     if r.shape != (len(prompts),):
         raise RunError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
     bad = torch.nonzero(~torch.isfinite(r)).flatten()
@@ -400,12 +452,33 @@ def range_problem(args):
                  for name, (ok, allowed) in checks.items() if not ok), None)
 
 
+def device_problem(device):
+    """--device as one line if this machine cannot run on it (under torchrun, cuda means cuda:LOCAL_RANK), or None."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {device!r} is not a torch device ({first_line(e)})"
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device}: this machine has no CUDA GPU that torch {torch.__version__} can use"
+        index = kind.index if kind.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        if index >= torch.cuda.device_count():
+            return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to " \
+                   f"cuda:{torch.cuda.device_count() - 1}" + (" (under torchrun, one per process)" if kind.index is None else "")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: this machine has no MPS (Apple GPU) that torch can use"
+    elif kind.type not in ("cpu", "cuda", "mps"):
+        return f"--device {device}: only cpu, cuda, cuda:N and mps are supported"
+    return None
+
+
 def describe(args, n_prompts, plan, world=1):
     """The batch arithmetic of ddpo.round_plan's plan (minibatches, inner epochs, timesteps), printed at start-up;
     world: the number of processes (torchrun)."""
     rwr = args.algo.startswith("rwr")
     n_mb, inner, n_t = plan
     mb = args.samples_per_epoch // n_mb
+    batch = min(args.sample_batch_size, args.samples_per_epoch // world)
     name = {"sf": "DDPO_SF", "is": "DDPO_IS", "rwr": "RWR", "rwr-sparse": "RWR (sparse)"}[args.algo]
     dpok = [part for part, on in ((f"KL to the pretrained model x β={args.kl_coef}", args.kl_coef > 0),
                                   (f"value baseline V_φ (lr {args.value_lr}, {args.value_steps} steps a round)",
@@ -415,8 +488,8 @@ def describe(args, n_prompts, plan, world=1):
     return "\n".join([
         f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
         f"sampling: {args.samples_per_epoch} samples per epoch ({args.samples_per_epoch // args.samples_per_prompt} "
-        f"prompts x {args.samples_per_prompt}) = {args.samples_per_epoch // args.sample_batch_size} "
-        f"batches of {args.sample_batch_size}, {args.num_steps} DDIM steps (η={args.eta}, w={args.guidance_scale})",
+        f"prompts x {args.samples_per_prompt}) = {math.ceil(args.samples_per_epoch / world / batch)} "
+        f"batch(es) of {batch}{' per process' if world > 1 else ''}, {args.num_steps} DDIM steps (η={args.eta}, w={args.guidance_scale})",
         f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
         f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
         + ("samples, one DDPM-loss pass each" if rwr else f"samples x {n_t} timesteps"),
@@ -551,8 +624,9 @@ def evaluate_run(args):
 def export(run_dir, out):
     """--export RUN OUT: the fine-tuned model in diffusers' own formats, written by diffusers itself. LoRA: its adapter as
     pytorch_lora_weights.safetensors with peft's metadata (StableDiffusionPipeline.save_lora_weights), which
-    pipe.load_lora_weights(OUT) loads. Full fine-tuning: a pipeline folder with the tuned UNet (save_pretrained)."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    pipe.load_lora_weights(OUT) loads into the run's base pipeline. Full fine-tuning: a whole StableDiffusionPipeline
+    folder with the tuned UNet (save_pretrained)."""
+    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -562,26 +636,15 @@ def export(run_dir, out):
     if Path(out).exists():
         fail(f"{out} exists; --export writes a new folder")
     models = ddpo.load_models(run_dir, "cpu")  # the base model with the run's last checkpoint, fp32
-    if run.lora_rank > 0 and models.vae is None:
-        fail(f"{run_dir} trained a LoRA adapter on a pixel-space model, which no diffusers pipeline loads LoRA into; "
-             f"a run with --lora-rank 0 exports as a whole model folder")
-    base = run.model
-    while ddpo.is_run(base):  # a run that continued another run: the model folder at the start of the chain
-        base = ddpo.load_run_args(base).model
     with atomic_folder(out) as tmp:
         if run.lora_rank > 0:
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))  # diffusers' key names
             StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers,
                                                       unet_lora_adapter_metadata=models.unet.peft_config["default"].to_dict())
-        elif models.vae is not None:  # a Stable-Diffusion-style model: its own pipeline class
+        else:
             StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                                     unet=models.unet, scheduler=models.scheduler, safety_checker=None,
                                     feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp)
-        else:  # a pixel-space model (the tiny one): the same layout and model_index.json as the base folder
-            for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
-                getattr(models, name).save_pretrained(tmp / name)
-            index = DiffusionPipeline.load_config(str(ddpo.TINY_MODEL if base == "tiny" else base))
-            write_text(tmp / "model_index.json", json.dumps(dict(index), indent=2) + "\n")
     print(f"wrote {out} ({'LoRA adapter' if run.lora_rank else 'pipeline folder'}, from {latest_checkpoint(run_dir)})")
     return Path(out)
 
@@ -633,20 +696,27 @@ def readable_weights(path):
 
 
 class CtrlC:
-    """First Ctrl-C: finish the epoch, write a checkpoint, exit. A second one stops at once (the last one stays)."""
+    """Ctrl-C (SIGINT) or SIGTERM, the signal batch schedulers and container runtimes send before they kill: the
+    first finishes the epoch, writes a checkpoint and exits; a second one stops at once (the last checkpoint stays).
+    Under torchrun the launcher forwards either signal to every process, and all stop after the same epoch."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __enter__(self):
-        self.requested, self.previous = False, signal.signal(signal.SIGINT, self.handle)
+        self.requested = False
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("Ctrl-C: finishing this epoch, then writing a checkpoint (Ctrl-C again to stop now)")
+        tqdm.write(f"{self.SIGNALS[signum]}: finishing this epoch, then writing a checkpoint (Ctrl-C or SIGTERM again "
+                   f"to stop now)")
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def quiet_libraries():

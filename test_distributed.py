@@ -144,6 +144,7 @@ def start(tmp_path, processes, cases):
             except ProcessLookupError:
                 pass
         return proc.returncode, log.read_text()
+    wait.proc = proc  # the launcher, to signal
     return wait
 
 
@@ -255,6 +256,26 @@ def test_a_failure_on_one_process_stops_both_with_one_line(tmp_path, reward, tim
     if reward == "raise_on_process_1":
         assert [p.name for p in (tmp_path / "runs2" / "run" / "checkpoints").iterdir()] == ["epoch_0001"]
 
+
+
+@pytest.mark.xdist_group("torchrun")
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_epoch_with_one_checkpoint(tmp_path):
+    """A real SIGTERM to the launcher, as a batch scheduler sends it: torchrun forwards it to both processes, which
+    agree to stop after the same epoch (a process stopping alone would leave the other at a collective until
+    --collective-timeout); process 0 writes one checkpoint and says how to resume."""
+    wait = start(tmp_path, 2, [("run", ["--algo", "is", "--epochs", "50", "--save-every", "100"])])
+    run = tmp_path / "runs2" / "run"
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert wait.proc.poll() is None and time.time() < deadline, "the run ended or stalled before the signal"
+        time.sleep(0.05)
+    wait.proc.send_signal(signal.SIGTERM)
+    code, stderr = wait(120)
+    epoch = len((run / "metrics.jsonl").read_text().splitlines()) - 1
+    ours = [line for line in stderr.splitlines() if "interrupted after epoch" in line or line.startswith("error:")]
+    assert code != 0 and ours == [f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run}"], \
+        stderr[-3000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"epoch_{epoch:04d}"]
 
 if __name__ == "__main__":
     worker(sys.argv[1], *sys.argv[2:])

@@ -31,7 +31,7 @@ def sd_dir(tmp_path_factory):
 
 
 def train_argv(model, out, name, *extra):
-    return ["--model", str(model), "--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+    return ["--model", str(model), "--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
             "--num-minibatches", "2", "--train-batch-size", "2", "--prompts", "simple_animals", "--out-dir", str(out),
             "--run-name", name, *extra]
 
@@ -142,7 +142,7 @@ def one_round(sd_dir, scaler, optimizer_cls=torch.optim.SGD, hook=None, max_grad
     returns (adapter before, after, logs)."""
     torch.manual_seed(3)  # the same adapter initialisation every call
     models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4)
-    args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+    args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
                             "--num-minibatches", "1", "--max-grad-norm", max_grad_norm, *extra])
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(1, range(4)))
     params = [p for p in models.unet.parameters() if p.requires_grad]
@@ -214,7 +214,7 @@ def test_under_fp16_a_process_holding_no_sample_of_a_minibatch_still_steps(sd_di
     monkeypatch.setattr(ddpo, "sum_gradients", sum_gradients)
     monkeypatch.setattr(ddpo, "gather_objects", lambda x: [x])
     args = ddpo.parse_args(["--model", str(sd_dir), "--algo", "rwr", "--mixed-precision", "fp16", "--num-steps", "2",
-                            "--samples-per-epoch", "4", "--sample-batch-size", "2", "--num-minibatches", "4",
+                            "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "2", "--num-minibatches", "4",
                             "--train-batch-size", "1"])
     mine = range(2 * rank, 2 * rank + 2)  # this process's share of the round's 4 samples
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"][2 * rank:2 * rank + 2], args, ddpo.noise_generators(1, mine))
@@ -237,7 +237,7 @@ def test_resume_gives_the_same_metrics_as_training_straight(tmp_path, sd_dir, se
     """Also under fp16, where the loss scale (lowered after the first step overflows) is part of the state, and
     with per-prompt advantages that use the reward buffers of epoch 1 in epoch 2 (two prompts, min count 2)."""
     (tmp_path / "two.txt").write_text("a cat\na dog\n")
-    common = ["--epochs", "2", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+    common = ["--epochs", "2", "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
               "--num-minibatches", "2", "--out-dir", str(tmp_path), "--seed", "5", "--save-every", "1"]
     if setup == "tiny":
         common += ["--prompts", str(tmp_path / "two.txt"), "--min-count", "2", "--buffer-size", "8"]
@@ -266,7 +266,7 @@ def test_resume_gives_the_same_metrics_as_training_straight(tmp_path, sd_dir, se
 
 
 def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, monkeypatch):
-    argv = ["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+    argv = ["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
             "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
     ddpo.main(argv)
     run = tmp_path / "r"
@@ -437,7 +437,7 @@ def test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume(tm
     presser.start()
     try:
         with pytest.raises(SystemExit) as stop:
-            ddpo.main(["--epochs", "50", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+            ddpo.main(["--epochs", "50", "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
                        "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r", "--save-every", "100"])
     finally:
         ended.set()
@@ -449,6 +449,77 @@ def test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume(tm
     assert 1 <= epoch < 50 and stop.value.code == (f"interrupted after epoch {epoch}, checkpoint written: resume with "
                                                    f"--resume {run}")
     assert ddpo.latest_checkpoint(run).name == f"epoch_{epoch:04d}"
+
+
+TINY_ARGV = ["--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
+             "--num-minibatches", "1"]
+
+
+def start_run(tmp_path, *argv):
+    """ddpo.py in its own process, as a user or a batch scheduler starts it; stderr goes to a file."""
+    log = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, str(HERE / "ddpo.py"), *TINY_ARGV, "--out-dir", str(tmp_path), *argv],
+                            stdout=subprocess.DEVNULL, stderr=log, cwd=HERE)
+    return proc, lambda: (proc.wait(timeout=120), log.close(), (tmp_path / "stderr.txt").read_text())[2]
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the signal"
+        time.sleep(0.05)
+
+
+def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_and_the_run_is_kept(tmp_path):
+    """The same --run-name again, from a real process as a user types it: one line, before anything is loaded or
+    written; the first run's files stay byte for byte, and --resume is the way to continue it."""
+    run = tmp_path / "keep"
+    ddpo.main([*TINY_ARGV, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "keep"])
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc, finish = start_run(tmp_path, "--epochs", "1", "--seed", "5", "--run-name", "keep")
+    stderr = finish()
+    assert proc.returncode != 0
+    assert stderr.strip() == f"error: {run} exists: continue it with --resume {run}, or choose another --run-name"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    ddpo.main(["--resume", str(run), "--epochs", "2"])
+    assert len(metrics(run)) == 3 and ddpo.latest_checkpoint(run).name == "epoch_0002"
+
+
+def test_resume_of_a_run_whose_metrics_are_damaged_is_one_line_naming_the_file_and_the_line(tmp_path, main_error):
+    ddpo.main([*TINY_ARGV, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "m"])
+    path = tmp_path / "m" / "metrics.jsonl"
+    path.write_text(path.read_text()[:-20])  # cut short inside its second line, as a full disk or a bad copy leaves it
+    assert main_error("--resume", str(tmp_path / "m"), "--epochs", "2").startswith(
+        f"error: {path} is damaged at line 2 (")
+    path.write_text('{"epoch": 0}\n[1, 2]\n')
+    assert main_error("--resume", str(tmp_path / "m"), "--epochs", "2") == \
+        f"error: {path} is damaged at line 2 (not an epoch's metrics): restore it, or start a new run"
+
+
+def test_sigterm_finishes_the_epoch_writes_a_checkpoint_and_a_second_one_stops_at_once(tmp_path):
+    """A real SIGTERM, as a batch scheduler sends before it kills, to a real process in the middle of a run:
+    handled like Ctrl-C. Then two SIGTERMs in a row to another run: it stops at once and keeps its last checkpoint."""
+    run = tmp_path / "term"
+    proc, finish = start_run(tmp_path, "--epochs", "50", "--save-every", "100", "--run-name", "term")
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2, proc)  # epoch 1 is done
+    proc.send_signal(signal.SIGTERM)
+    stderr = finish()
+    epoch = len(metrics(run)) - 1
+    assert proc.returncode != 0 and 1 <= epoch < 50
+    assert stderr.strip().splitlines()[-1] == f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run}"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"epoch_{epoch:04d}"]
+
+    run = tmp_path / "twice"
+    proc, finish = start_run(tmp_path, "--epochs", "50", "--save-every", "1", "--run-name", "twice")
+    wait_for(lambda: bool(ddpo.checkpoints(run)), proc)  # epoch 1's checkpoint is whole
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stderr = finish()
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("stopped; the last checkpoint (epoch_") and "is kept" in last, stderr
+    kept = ddpo.latest_checkpoint(run).name
+    assert f"({kept})" in last and int(kept[-4:]) < 50
 
 
 def test_a_run_with_a_truncated_weights_file_is_one_line_for_model_and_eval(tmp_path):
@@ -481,7 +552,7 @@ def test_resume_from_a_folder_without_a_whole_checkpoint_is_one_clear_line(tmp_p
     (["--resume", "/no/such/run"], "/no/such/run is not a run folder"),
     (["--lora-rank", "-1"], "--lora-rank -1 is out of range"),
     (["--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
-    (["--samples-per-epoch", "8", "--sample-batch-size", "8", "--num-minibatches", "3"],
+    (["--samples-per-epoch", "8", "--samples-per-prompt", "8", "--sample-batch-size", "8", "--num-minibatches", "3"],
      "is not a multiple of --num-minibatches 3"),
 ])
 def test_bad_setup_flags_are_one_clear_line(main_error, argv, message):
@@ -519,21 +590,26 @@ def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path, 
 
 def unet_outputs(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x, cond = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    config = unet.config
+    x = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=g)
+    cond = torch.randn(2, 16, config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([700, 30]), encoder_hidden_states=cond).sample
 
 
 @pytest.mark.parametrize("lora_rank", ["4", "0"])
-def test_export_loads_in_diffusers_pipelines_with_the_runs_unet(sd_dir, tmp_path, lora_rank):
+@pytest.mark.parametrize("model", ["tiny", "sd"])
+def test_export_loads_in_diffusers_pipelines_with_the_runs_unet(sd_dir, tmp_path, model, lora_rank):
     """LoRA: StableDiffusionPipeline.from_pretrained(base) + load_lora_weights(OUT); full fine-tuning:
-    DiffusionPipeline.from_pretrained(OUT). Either way the UNet computes what this project's does (--model RUN)."""
+    DiffusionPipeline.from_pretrained(OUT). Either way the UNet computes what this project's does (--model RUN), on
+    the built-in tiny model as on a random SD-style pipeline."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    ddpo.main(train_argv(sd_dir, tmp_path, "run", "--lora-rank", lora_rank, "--lr", "1e-2"))
+    base_dir = ddpo.TINY_MODEL if model == "tiny" else sd_dir
+    ddpo.main(train_argv(model if model == "tiny" else sd_dir, tmp_path, "run", "--lora-rank", lora_rank, "--lr", "1e-2"))
     ddpo.main(["--export", str(tmp_path / "run"), str(tmp_path / "out")])
     ours = unet_outputs(ddpo.load_models(str(tmp_path / "run"), "cpu").unet)
-    base = unet_outputs(ddpo.load_models(str(sd_dir), "cpu").unet)
+    base = unet_outputs(ddpo.load_models(str(base_dir), "cpu").unet)
     assert (ours - base).abs().max() > 1e-4  # the run did change the UNet
     if lora_rank == "4":
         from safetensors import safe_open
@@ -542,29 +618,19 @@ def test_export_loads_in_diffusers_pipelines_with_the_runs_unet(sd_dir, tmp_path
             keys, metadata = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
         assert keys and all(k.startswith("unet.") and k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys)
         assert metadata["unet.r"] == metadata["unet.lora_alpha"] == 4
-        pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+        pipe = StableDiffusionPipeline.from_pretrained(base_dir)
         pipe.load_lora_weights(tmp_path / "out")
     else:
         pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
         assert type(pipe).__name__ == "StableDiffusionPipeline"
-        assert ddpo.load_models(str(tmp_path / "out"), "cpu").vae is not None  # and --model OUT loads it too
+        ddpo.load_models(str(tmp_path / "out"), "cpu")  # and --model OUT loads it too
     torch.testing.assert_close(unet_outputs(pipe.unet), ours, rtol=1e-5, atol=1e-5)
 
 
-def test_export_of_the_tiny_model_is_a_model_folder_and_refuses_an_existing_out(tmp_path, main_error):
-    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4", "--lr", "1e-3",
-               "--out-dir", str(tmp_path), "--run-name", "run"])
+def test_export_refuses_an_existing_out_and_other_flags(tmp_path, main_error):
+    ddpo.main(train_argv("tiny", tmp_path, "run"))
     ddpo.main(["--export", str(tmp_path / "run"), str(tmp_path / "out")])
-    exported, run = (ddpo.load_models(str(tmp_path / n), "cpu") for n in ("out", "run"))
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    cond = ddpo.encode_prompts(run, ["a cat"])
-    with torch.no_grad():
-        torch.testing.assert_close(exported.unet(x, 5, cond).sample, run.unet(x, 5, cond).sample)
     assert main_error("--export", str(tmp_path / "run"), str(tmp_path / "out")) == f"error: {tmp_path / 'out'} exists; --export writes a new folder"
     assert main_error("--export", str(tmp_path / "run"), str(tmp_path / "o2"), "--device", "cpu") == (
         "error: --export takes no other flags (given: --device) (see --help)")
-    ddpo.main(["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4", "--lora-rank", "2",
-               "--out-dir", str(tmp_path), "--run-name", "lora"])
-    assert main_error("--export", str(tmp_path / "lora"), str(tmp_path / "o3")).startswith(
-        f"error: {tmp_path / 'lora'} trained a LoRA adapter on a pixel-space model")
-    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    assert not (tmp_path / "o2").exists()

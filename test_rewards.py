@@ -218,7 +218,7 @@ def test_cli_reward_model_offline_is_one_line_before_anything_is_written(tmp_pat
 
 def test_cli_alignment_logs_the_vlm_answers_next_to_the_grid(tiny, tmp_path):
     ddpo.main(["--reward", "alignment", "--vlm", str(tiny / "vlm"), "--bertscore-model", str(tiny / "bert"),
-               "--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--sample-batch-size", "4",
+               "--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
                "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "align"])
     cells = json.loads((tmp_path / "align" / "grid_001.json").read_text())
     assert len(cells) == 8 and all(set(c) == {"prompt", "reward", "answer"} for c in cells)
@@ -355,7 +355,7 @@ def test_imagereward_bad_folder_is_one_line_naming_the_flag(tmp_path):
 def test_cli_trains_on_imagereward_with_dpoks_kl_and_value_baseline(tiny, imagereward_dir, tmp_path):
     ddpo.main(["--reward", "imagereward", "--imagereward-model", str(imagereward_dir), "--imagereward-tokenizer",
                str(tiny / "bert"), "--kl-coef", "0.1", "--advantage", "value", "--epochs", "1", "--num-steps", "2",
-               "--samples-per-epoch", "4", "--sample-batch-size", "4", "--out-dir", str(tmp_path), "--run-name", "ir"])
+               "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4", "--out-dir", str(tmp_path), "--run-name", "ir"])
     row = [json.loads(line) for line in (tmp_path / "ir" / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["epoch"] == 1 and all(math.isfinite(row[k]) for k in ("reward/mean", "losses/kl", "value/loss"))
     assert json.loads((tmp_path / "ir" / "args.json").read_text())["prompts"] == "simple_animals"  # DPOK's own sets are not here
