@@ -90,8 +90,9 @@ def main(argv=None):
         print(f"{n:>10}: final training reward {final[n].mean():.4g} (seeds {', '.join(f'{v:.4g}' for v in final[n])}; "
               f"range {np.ptp(final[n]):.3g}), eval {summary[n]['eval_first']:.4g} -> {summary[n]['eval_last']:.4g}")
     widest = max(np.ptp(v) for v in final.values())
-    print(f"order, best first: {' > '.join(order)}; best - worst {gap:.3g}, widest seed range {widest:.3g}: "
-          + ("every range is smaller than the gap" if widest < gap else "the seeds overlap the gap: the order is not settled"))
+    verdict = ("one seed: no range between seeds to hold the gap against" if len(opts.seeds) < 2 else
+               "every range is smaller than the gap" if widest < gap else "the seeds overlap the gap: the order is not settled")
+    print(f"order, best first: {' > '.join(order)}; best - worst {gap:.3g}, widest seed range {widest:.3g}: {verdict}")
     (folder / "compare.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"figure: {folder / 'compare.png'}")
     return summary
