@@ -148,7 +148,7 @@ def ddpo_epochs(repo, launcher, argv, threads):
             if child.returncode:
                 log.seek(0)
                 sys.exit(f"{' '.join(launcher + argv)} failed:\n{log.read()[-2000:]}")
-        rows = [json.loads(line) for line in (Path(out) / "r" / "metrics.jsonl").read_text().splitlines()][2:]
+        rows = runfiles.read_metrics(Path(out) / "r" / "metrics.jsonl")[2:]
         samples = json.loads((Path(out) / "r" / "args.json").read_text())["samples_per_epoch"]
     epoch_s = sum(r["time/sample_s"] + r["time/reward_s"] + r["time/train_s"] for r in rows) / len(rows)
     return epoch_s, samples, usage.ru_maxrss / 2**20

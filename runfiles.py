@@ -528,7 +528,7 @@ def before_after(run_dir, path, label):
     from PIL import Image, ImageDraw
 
     run_dir = Path(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     first, last = rows[0], rows[-1]
     grids = [Image.open(run_dir / f"grid_{r['epoch']:03d}.png") for r in (first, last)]
     w, h = grids[0].size

@@ -859,6 +859,11 @@ def replaced_component(folder, name, **config):
     module.save_pretrained(folder / name)
 
 
+# a short run before the flags under test: a check that wrongly lets a run through ends it in seconds, not after
+# the default 150 epochs (the flags under test come later, and win)
+SHORT_RUN = ["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4"]
+
+
 @pytest.mark.parametrize("name, config, message", [
     ("vae", {"latent_channels": 8}, "its VAE has 8 latent channels and its UNet takes 4 input channels"),
     ("unet", {"sample_size": 16}, "its UNet's sample size 16 is not its VAE's image size 32 divided by the VAE's "
@@ -871,7 +876,7 @@ def test_components_that_do_not_fit_together_are_one_line_before_anything_is_wri
     folder = tmp_path / "model"
     shutil.copytree(random_model_dir, folder)
     replaced_component(folder, name, **config)
-    line = main_error("--model", str(folder), "--out-dir", str(tmp_path / "runs"))
+    line = main_error(*SHORT_RUN, "--model", str(folder), "--out-dir", str(tmp_path / "runs"))
     assert line == f"error: model {folder} does not fit together: {message}"
     assert not (tmp_path / "runs").exists()
 
@@ -881,7 +886,7 @@ def test_a_pipeline_without_a_vae_is_one_line_naming_what_is_missing(tmp_path, m
     shutil.copytree(random_model_dir, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "vae"}))
-    line = main_error("--model", str(folder), "--out-dir", str(tmp_path / "runs"))
+    line = main_error(*SHORT_RUN, "--model", str(folder), "--out-dir", str(tmp_path / "runs"))
     assert line == (f"error: model {folder} has no vae: it needs a Stable Diffusion-style pipeline's unet, vae, "
                     f"text_encoder, tokenizer, scheduler")
     assert not (tmp_path / "runs").exists()
@@ -946,7 +951,7 @@ def test_cli_same_seed_same_results_and_lr_zero_changes_nothing(tmp_path):
                                                     "could never hold enough rewards for its own statistics"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, main_error, argv, message):
-    assert message in main_error(*argv, "--out-dir", str(tmp_path / "runs"))
+    assert message in main_error(*SHORT_RUN, *argv, "--out-dir", str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
 
 
