@@ -33,6 +33,8 @@ MUTANTS = [
     ("DDIM sigma_t without eta", "ddpo.py", "sigma_t = eta * ((1", "sigma_t = ((1", [D + "test_ddim_step_equals_diffusers"]),
     ("DDIM mean drops sigma_t^2 from the direction", "ddpo.py", "(1 - alpha_bar_prev - sigma_t**2).sqrt() * eps",
      "(1 - alpha_bar_prev).sqrt() * eps", [D + "test_ddim_step_equals_diffusers"]),
+    ("@file lines read whole, comments and all", "runfiles.py", 'return line.split("#", 1)[0].split()',
+     "return [line] if line.strip() else []", [D + "test_the_papers_config_files_give_the_papers_settings"]),
     ("a sample batch larger than the round refused", "ddpo.py",
      "args.sample_batch_size if args.sample_batch_size < args.samples_per_epoch // world else 1", "args.sample_batch_size",
      [D + "test_a_sample_batch_larger_than_the_round_is_one_batch_and_a_smaller_one_must_divide_it"]),

@@ -955,6 +955,18 @@ def test_bad_input_is_one_clear_line_and_nothing_is_written(tmp_path, main_error
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("task, reward", [("compressibility", "jpeg"), ("incompressibility", "incompressibility"),
+                                          ("aesthetic", "aesthetic"), ("alignment", "alignment")])
+def test_the_papers_config_files_give_the_papers_settings(task, reward):
+    """configs/sd14_*.txt through argparse's @file, comments and all: the paper's §5 settings (SD v1.4, T = 50,
+    η = 1, w = 5, 256 samples, 4 DDPO_IS steps, ε = 1e-4, LoRA 4 at lr 3e-4, fp16); a later flag overrides."""
+    args = ddpo.parse_args([f"@{HERE / 'configs' / f'sd14_{task}.txt'}", "--device", "cpu"])
+    assert (args.model, args.reward, args.algo) == ("CompVis/stable-diffusion-v1-4", reward, "is")
+    assert (args.num_steps, args.eta, args.guidance_scale, args.samples_per_epoch, args.samples_per_prompt) == (50, 1.0, 5.0, 256, 1)
+    assert (args.num_minibatches, args.clip_range, args.lr, args.lora_rank, args.mixed_precision) == (4, 1e-4, 3e-4, 4, "fp16")
+    assert ddpo.parse_args([f"@{HERE / 'configs' / f'sd14_{task}.txt'}", "--device", "cpu", "--algo", "sf"]).algo == "sf"
+
+
 def test_a_sample_batch_larger_than_the_round_is_one_batch_and_a_smaller_one_must_divide_it():
     args = ddpo.parse_args(["--samples-per-epoch", "16", "--samples-per-prompt", "4"])  # the default batch: 64
     assert "16 samples per epoch (4 prompts x 4) = 1 batch(es) of 16," in runfiles.describe(
