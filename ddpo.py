@@ -17,6 +17,7 @@ This file reads top to bottom like the paper:
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -724,13 +725,63 @@ def loss_scaler(args):
     return torch.amp.GradScaler(args.device.split(":")[0], enabled=args.mixed_precision == "fp16")
 
 
+def policy_gradient_chunk(models, traj, rows, chunk, steps, advantages, args, uncond, scaler, share, logs, where):
+    """DDPO_SF or DDPO_IS (+ DPOK's KL) on one chunk of a minibatch: one backward per trained timestep (memory
+    does not grow with T), each scaled by 1/n_timesteps: the paper's sum over t (§6), divided by a constant."""
+    n_timesteps = steps.shape[1]
+    for k in range(n_timesteps):
+        log_prob, kl = rescore(models, traj, rows, steps[chunk, k], uncond, args)
+        # A of each sample, or of each sample's step with DPOK's value baseline (B, T)
+        adv = advantages[chunk, steps[chunk, k]] if advantages.ndim == 2 else advantages[chunk]
+        if args.algo == "sf":
+            loss = ddpo_sf_loss(log_prob, adv)
+        else:  # the old log-prob is the one stored at sampling time, under θ_old
+            old = traj.log_probs[rows, steps[chunk, k]]
+            loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, adv, args.clip_range)
+            logs["approx_kl"].append(approx_kl.item())
+            logs["clipfrac"].append(clipfrac.item())
+        if kl is not None:  # DPOK: + β KL(π_θ ‖ π_pre) on the same step
+            loss = loss + args.kl_coef * kl.mean()
+            logs["kl"].append(kl.mean().item())
+        backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[chunk[0], k]].item()}")
+        logs["loss"].append(loss.item())
+
+
+def rwr_chunk(models, traj, rows, chunk, weights, ddpm_draws, scaler, share, logs, where):
+    """RWR on one chunk (§4.2, a one-step MDP): the weighted DDPM loss on the final samples x_0 = states[:, -1]."""
+    t_ddpm, eps_ddpm = ddpm_draws
+    loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[chunk], t_ddpm[chunk], eps_ddpm[chunk])
+    backward(loss, share, scaler, where)
+    logs["loss"].append(loss.item())
+
+
+def optimizer_step(optimizer, params, args, scaler, logs, where):
+    """A minibatch's update: the processes' gradients summed, unscaled (fp16), clipped, stepped. An fp16 step whose
+    gradients overflowed is skipped and its scale lowered; a non-finite gradient without fp16, or non-finite
+    weights after the step, stop the run."""
+    sum_gradients(list(params.values()))
+    scaler.unscale_(optimizer)  # the true gradients, before clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm)
+    if torch.isfinite(grad_norm):
+        logs["grad_norm"].append(grad_norm.item())
+    elif not scaler.is_enabled():
+        raise NonFinite(f"non-finite gradient norm {grad_norm.item()} at {where}")
+    if scaler.is_enabled() or args.algo == "rwr-sparse":  # fp16: an overflowed step is skipped, the scale lowered
+        logs["skipped"].append(float(not torch.isfinite(grad_norm)))
+    scaler.step(optimizer)
+    scaler.update()
+    if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():  # one sync, not one a tensor
+        bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+        raise NonFinite(f"non-finite weights ({bad}) after {where}")
+
+
 def train_round(models, optimizer, traj, advantages, rewards, args, generator, uncond, scaler=None):
     """One round of optimisation on the round's samples; returns the mean of each logged quantity.
 
-    Gradients accumulate over every trained timestep with one backward per timestep (memory does not grow
-    with T). Each step's loss is scaled by 1/n_timesteps: the paper's sum over t, divided by a constant.
-    traj: this process's share of the round; advantages and rewards: the whole round's. Every process draws the
-    same minibatches and timesteps of the whole round and trains on its own samples in them.
+    Per inner epoch: each sample's trained timesteps, then the minibatches (a permutation of the round), each
+    accumulated chunk by chunk (--train-batch-size) and stepped once. traj: this process's share of the round;
+    advantages and rewards: the whole round's. Every process draws the same minibatches and timesteps of the whole
+    round and trains on its own samples in them.
     """
     scaler = scaler or loss_scaler(args)  # train() passes its own, whose scale carries over from round to round
     if scaler.is_enabled():  # creates the scale tensor, also on a process that trains no sample of a minibatch
@@ -749,7 +800,11 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
         # the timesteps each sample trains on, drawn per sample: (B, n_timesteps) step indices
         steps = torch.stack([torch.randperm(T, generator=generator)[:n_timesteps] for _ in range(B)])
         if rwr:  # the DDPM loss's t and ε, one per sample of the round
-            t_ddpm, eps_ddpm = ddpm_noise(models.scheduler, (B, *traj.states.shape[2:]), generator)
+            ddpm_draws = ddpm_noise(models.scheduler, (B, *traj.states.shape[2:]), generator)
+            train_chunk = functools.partial(rwr_chunk, models, traj, weights=weights, ddpm_draws=ddpm_draws)
+        else:
+            train_chunk = functools.partial(policy_gradient_chunk, models, traj, steps=steps, advantages=advantages,
+                                            args=args, uncond=uncond)
         for minibatch in torch.randperm(B, generator=generator).chunk(n_minibatches):
             optimizer.zero_grad(set_to_none=True)
             n_steps += 1
@@ -761,45 +816,10 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
             mine = minibatch[(minibatch >= first) & (minibatch < first + len(traj.prompts))]  # round indices
             with together():  # a non-finite loss on any process stops all of them here
                 for chunk in mine.split(args.train_batch_size) if len(mine) else ():  # split([]) is one empty chunk
-                    rows = chunk - first  # the same samples as rows of this process's traj
                     share = len(chunk) / len(minibatch)  # chunks (on all processes) add up to the minibatch's mean
-                    if rwr:  # one-step MDP: the DDPM loss on the final sample x_0 = states[:, -1]
-                        loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[chunk], t_ddpm[chunk],
-                                        eps_ddpm[chunk])
-                        backward(loss, share, scaler, where)
-                        logs["loss"].append(loss.item())
-                        continue
-                    for k in range(n_timesteps):
-                        log_prob, kl = rescore(models, traj, rows, steps[chunk, k], uncond, args)
-                        # A of each sample, or of each sample's step with DPOK's value baseline (B, T)
-                        adv = advantages[chunk, steps[chunk, k]] if advantages.ndim == 2 else advantages[chunk]
-                        if args.algo == "sf":
-                            loss = ddpo_sf_loss(log_prob, adv)
-                        else:  # the old log-prob is the one stored at sampling time, under θ_old
-                            old = traj.log_probs[rows, steps[chunk, k]]
-                            loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, adv, args.clip_range)
-                            logs["approx_kl"].append(approx_kl.item())
-                            logs["clipfrac"].append(clipfrac.item())
-                        if kl is not None:  # DPOK: + β KL(π_θ ‖ π_pre) on the same step
-                            loss = loss + args.kl_coef * kl.mean()
-                            logs["kl"].append(kl.mean().item())
-                        backward(loss, share / n_timesteps, scaler,
-                                 f"{where}, timestep t={traj.timesteps[steps[chunk[0], k]].item()}")
-                        logs["loss"].append(loss.item())
-            sum_gradients(list(params.values()))
-            scaler.unscale_(optimizer)  # the true gradients, before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                logs["grad_norm"].append(grad_norm.item())
-            elif not scaler.is_enabled():
-                raise NonFinite(f"non-finite gradient norm {grad_norm.item()} at {where}")
-            if scaler.is_enabled() or args.algo == "rwr-sparse":  # fp16: an overflowed step is skipped, the scale lowered
-                logs["skipped"].append(float(not torch.isfinite(grad_norm)))
-            scaler.step(optimizer)
-            scaler.update()
-            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():  # one sync, not one a tensor
-                bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
-                raise NonFinite(f"non-finite weights ({bad}) after {where}")
+                    train_chunk(rows=chunk - first, chunk=chunk, scaler=scaler, share=share, logs=logs,  # rows: in traj
+                                where=where)
+            optimizer_step(optimizer, params, args, scaler, logs, where)
             if logs["loss"]:
                 bar.set_postfix(loss=f"{np.mean(logs['loss']):.4g}")
     bar.close()

@@ -171,8 +171,8 @@ MUTANTS = [
      [D + "test_a_model_folder_with_a_damaged_weights_file_names_the_file"]),
     # non-finite numbers
     ("non-finite weights not checked", "ddpo.py",
-     "            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():",
-     "            if False:", [D + "test_non_finite_weights_after_a_step_stop_the_round"]),
+     "    if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():",
+     "    if False:", [D + "test_non_finite_weights_after_a_step_stop_the_round"]),
     ("non-finite latents not checked", "ddpo.py", "    if not finite.all():", "    if False:",
      [D + "test_non_finite_latents_stop_the_run_with_one_clean_line"]),
     # what a checkpoint restores, what a run's flags mean
