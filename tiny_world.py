@@ -298,6 +298,20 @@ def jpeg_sizes(models, x, sigma, generator):
     return tuple(k.mean().item() for k in (drawn, *(rewards.jpeg_kilobytes(ddpo.decode(models, y)) for y in (z, noisy))))
 
 
+def training_prompts(n, seed):
+    """n prompts drawn from the JPEG rewards' training set: what --reward-range and --ddpm-loss measure on."""
+    import rewards
+
+    training = runfiles.load_prompts(rewards.DEFAULT_PROMPTS["jpeg"])
+    return [training[i] for i in np.random.default_rng(seed).integers(len(training), size=n)]
+
+
+def pictures(prompts, seed, strength=None):
+    """The world's pictures of the prompts, (n, 3, 32, 32) in [-1, 1]: picture i from its own random numbers (seed,
+    i), so the same shapes and places at every tile strength (None: each picture's own, as the world draws it)."""
+    return torch.from_numpy(np.stack([draw(p, np.random.default_rng([seed, i]), strength) for i, p in enumerate(prompts)]))
+
+
 def reward_range(n=64, seed=0, model="tiny"):
     """The two JPEG rewards' reference points, with the training prompts (the jpeg rewards' default set): the world
     as drawn, the same pictures with flat backgrounds (the flattest end: shapes kept) and with the busiest tiles
@@ -311,8 +325,7 @@ def reward_range(n=64, seed=0, model="tiny"):
     shape = (1, models.unet.config.in_channels, models.unet.config.sample_size, models.unet.config.sample_size)
     t = models.scheduler.timesteps[-1:]
     sigma = ddpo.ddim_step(models.scheduler, torch.zeros(shape), torch.zeros(shape), t, args.eta)[1].item()
-    training = runfiles.load_prompts(rewards.DEFAULT_PROMPTS[args.reward])
-    prompts = [training[i] for i in np.random.default_rng(seed).integers(len(training), size=n)]
+    prompts = training_prompts(n, seed)
     generator = torch.Generator().manual_seed(seed)
     print(f"{n} pictures of prompts from {rewards.DEFAULT_PROMPTS[args.reward]}; the last DDIM step's σ at T = "
           f"{args.num_steps}, η = {args.eta:g}: {sigma:.4f} (in the scaled latent space)")
@@ -320,8 +333,7 @@ def reward_range(n=64, seed=0, model="tiny"):
     rows = {"the world as drawn": None, "flattest end: flat backgrounds, shapes kept": 0.0,
             "busiest end: the busiest tiles (s = 1)": 1.0}
     for name, strength in rows.items():
-        x = torch.from_numpy(np.stack([draw(p, np.random.default_rng([seed, i]), strength) for i, p in enumerate(prompts)]))
-        drawn, decoded, noisy = jpeg_sizes(models, x, sigma, generator)
+        drawn, decoded, noisy = jpeg_sizes(models, pictures(prompts, seed, strength), sigma, generator)
         print(f"  {name:46s} {drawn:.3f} | {decoded:.3f} | {noisy:.3f}")
 
 
@@ -337,10 +349,9 @@ def ddpm_loss_gap(n=64, seed=0, model="tiny", draws=8):
     runfiles.quiet_libraries()
     models = ddpo.load_models(model, "cpu")
     args = ddpo.parse_args(["--reward", "jpeg"])
-    training = runfiles.load_prompts(rewards.DEFAULT_PROMPTS[args.reward])
-    prompts = [training[i] for i in np.random.default_rng(seed).integers(len(training), size=n)]
+    prompts = training_prompts(n, seed)
     traj, images = ddpo.sample(models, prompts, args, ddpo.noise_generators(seed, range(n), stream=3), args.sample_batch_size)
-    world = torch.from_numpy(np.stack([draw(p, np.random.default_rng([seed, i])) for i, p in enumerate(prompts)]))
+    world = pictures(prompts, seed)
     with torch.no_grad():
         latents = {"its own samples": traj.states[:, -1],
                    "the world's pictures": models.vae.encode(world).latent_dist.mode() * models.vae.config.scaling_factor}
