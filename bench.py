@@ -93,8 +93,8 @@ def timed(fn, device):
 
 def bench(name, path, opts):
     argv = ["--model", path, "--device", opts.device, "--mixed-precision", opts.mixed_precision, "--num-steps",
-            str(opts.num_steps), "--samples-per-epoch", str(opts.batch_size), "--samples-per-prompt", str(opts.batch_size), "--sample-batch-size", str(opts.batch_size),
-            "--train-batch-size", str(opts.batch_size), "--num-minibatches", "1", "--algo", "is"]
+            str(opts.num_steps), "--samples-per-epoch", str(opts.batch_size), "--samples-per-prompt", str(opts.batch_size),
+            "--sample-batch-size", str(opts.batch_size), "--train-batch-size", str(opts.batch_size), "--num-minibatches", "1", "--algo", "is"]
     if opts.lora_rank is not None:
         argv += ["--lora-rank", str(opts.lora_rank)]
     args = ddpo.parse_args(argv)
