@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import ddpo
-import runfiles
+import model_checks
 import tiny_world
 
 
@@ -148,7 +149,7 @@ def ddpo_epochs(repo, launcher, argv, threads):
             if child.returncode:
                 log.seek(0)
                 sys.exit(f"{' '.join(launcher + argv)} failed:\n{log.read()[-2000:]}")
-        rows = runfiles.read_metrics(Path(out) / "r" / "metrics.jsonl")[2:]
+        rows = checkpoints.read_metrics(Path(out) / "r" / "metrics.jsonl")[2:]
         samples = json.loads((Path(out) / "r" / "args.json").read_text())["samples_per_epoch"]
     epoch_s = sum(r["time/sample_s"] + r["time/reward_s"] + r["time/train_s"] for r in rows) / len(rows)
     return epoch_s, samples, usage.ru_maxrss / 2**20
@@ -215,7 +216,7 @@ def main():
                                                           "checkout against --old-commit's, instead of the models above")
     p.add_argument("--old-commit", default=OLD_COMMIT, help="with --rounds: the commit to time against")
     opts = p.parse_args()
-    runfiles.quiet_libraries()
+    model_checks.quiet_libraries()
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
     if opts.rounds:

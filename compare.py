@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+import checkpoints
 import ddpo
-import runfiles
 
 NAMES = {"is": "DDPO_IS", "sf": "DDPO_SF", "rwr": "RWR", "rwr-sparse": "RWR sparse"}
 
@@ -32,7 +32,7 @@ def curves(folder, algos, seeds):
     """{algo: (samples seen (E,), training reward per seed (S, E), eval reward per seed (S, E+1))}"""
     out = {}
     for algo in algos:
-        rows = [runfiles.read_metrics(folder / f"{algo}__{seed}" / "metrics.jsonl") for seed in seeds]
+        rows = [checkpoints.read_metrics(folder / f"{algo}__{seed}" / "metrics.jsonl") for seed in seeds]
         args = ddpo.load_run_args(folder / f"{algo}__{seeds[0]}")
         train = np.array([[r["reward/mean"] for r in run if "reward/mean" in r] for run in rows])
         evals = np.array([[r["eval/reward_mean"] for r in run] for run in rows])

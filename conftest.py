@@ -15,13 +15,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture
 def main_error(capsys):
-    """main_error(*argv): runs ddpo.main in this process and returns its error line, after checking what a user
-    sees: a non-zero exit, one line that starts with "error:", and nothing else on stderr (no traceback, no
-    library warning). In-process, as a subprocess per case would spend most of its time importing torch."""
-    def run(*argv):
+    """main_error(*argv, entry=ddpo.main): runs a command's main in this process and returns its error line, after
+    checking what a user sees: a non-zero exit, one line that starts with "error:", and nothing else on stderr (no
+    traceback, no library warning). In-process, as a subprocess per case would spend most of its time importing torch."""
+    def run(*argv, entry=None):
         capsys.readouterr()
         with pytest.raises(SystemExit) as stop:
-            ddpo.main(list(argv))
+            (entry or ddpo.main)(list(argv))
         line = str(stop.value.code)
         assert stop.value.code not in (None, 0) and line.startswith("error: ") and "\n" not in line, line
         assert capsys.readouterr().err.strip() == "", "something besides the error line went to stderr"

@@ -7,11 +7,14 @@ The only reward comes at the end, r(x_0, c). So we can sample images, score them
 on the denoiser (DDPO_SF, DDPO_IS). The one-step-MDP baselines (RWR, §4.2) are here too.
 
 This file reads top to bottom like the paper:
-    Args → DDIM step and log-prob (§3.1) → models → MDP rollout (§4.3) → prompts, rewards, advantages (§4.4)
-    → the four estimators (§4.2, §4.4) → train() → main.
+    Args → DDIM step and log-prob (§3.1) → models → MDP rollout (§4.3) → rewards, advantages (§4.4)
+    → the four estimators (§4.2, §4.4) → train() → the command line.
+What serves a run around the algorithm (run files, checkpoints, several processes, Ctrl-C, pictures) lives in
+side modules named for what they hold; none of them imports this file.
 
     python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~9 minutes
-    python ddpo.py --help                                # every flag, with the paper's symbol
+    python ddpo.py @configs/sd14_compressibility.txt    # the paper's setup, on a GPU
+    python evaluate.py runs/NAME                         # base | fine-tuned, same seeds
     python -m pytest -q -n 2 --dist loadgroup            # the tests pin every formula with numbers
 """
 import argparse
@@ -33,12 +36,14 @@ import torch
 from tqdm import tqdm
 
 import rewards as rewards_lib
-import runfiles
-from runfiles import (ArgumentParser, CollectiveFailed, HelpFormatter, RunError, bars, check_scheduler,
-                      checkpoints, compute_rewards, distributed, fail, gather_objects, is_run, latest_checkpoint,
-                      load_checkpoint, load_prompts, load_run_args, load_trainable, save_checkpoint, together)
-
-sys.modules.setdefault("ddpo", sys.modules[__name__])  # run as a script this is __main__; runfiles' --eval imports ddpo
+from checkpoints import checkpoints, is_run, latest_checkpoint, load_trainable
+from command_line import ArgumentParser, HelpFormatter, describe, device_problem, range_problem
+from files import RunError, fail, why
+from model_checks import check_scheduler, mismatched_components, model_load_error, quiet_libraries
+from pictures import save_eval_grid
+from processes import bars, clear_bars, distributed, gather, gather_objects, my_share, start_processes, sum_gradients, together
+from rewards import compute_rewards, load_prompts
+from training_run import Run
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "tiny_model"  # the built-in pretrained model (see tiny_world.py for how it was made)
@@ -73,12 +78,6 @@ class Args:
     save_every: int = arg(5, "write a checkpoint every N epochs (and after the last)")
     resume: str = arg("", "a run folder: continue it from its last checkpoint with its saved settings; only "
                           "--epochs, --save-every and --device may change")
-    eval: str = arg("", "a run folder: sample the base and the fine-tuned model with the same seeds on the training "
-                        "prompts and --eval-prompts, write side-by-side grids and mean rewards, and exit (in the "
-                        "run's --mixed-precision unless given)")
-    eval_prompts: str = arg("", "held-out prompt set for --eval; default: the run's reward's generalisation set")
-    export: tuple = arg((), "RUN OUT: write RUN's fine-tuned model to the new folder OUT in diffusers' own formats (a "
-                            "LoRA file for load_lora_weights, or a whole pipeline folder) and exit")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device (under torchrun, cuda means each "
                                                                         "process's own GPU: cuda:LOCAL_RANK)")
     collective_timeout: float = arg(600.0, "under torchrun, seconds a process waits for the others at a gather or "
@@ -135,86 +134,6 @@ class Args:
     pickscore_processor: str = arg(*rewards_lib.MODEL_OPTIONS["pickscore_processor"])
     imagereward_model: str = arg(*rewards_lib.MODEL_OPTIONS["imagereward_model"])
     imagereward_tokenizer: str = arg(*rewards_lib.MODEL_OPTIONS["imagereward_tokenizer"])
-
-
-CHOICES = {"algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
-           "rwr_weights": ("reward", "advantage"), "mixed_precision": ("no", "fp16", "bf16")}
-RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def known_reward(name):
-    """A reward in rewards.py, or your own to import (module:function, path/to/file.py:function)."""
-    return name in rewards_lib.REWARDS or ":" in name
-
-
-def parse_args(argv=None) -> Args:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, fromfile_prefix_chars="@")
-    for f in dataclasses.fields(Args):
-        kind = {"rwr_threshold": float, "lora_rank": int}.get(f.name, f.type)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind if f.name != "export" else str, default=f.default,
-                       choices=CHOICES.get(f.name), help=f.metadata["help"], nargs=2 if f.name == "export" else None,
-                       metavar=("RUN", "OUT") if f.name == "export" else None)
-    args = Args(**vars(p.parse_args(argv)))
-    unset = object()  # argparse fills in no default where the namespace already has a value
-    given = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})))
-    typed = {name for name, value in given.items() if value is not unset}  # typed, even if equal to the default
-    if args.export and typed - {"export"}:
-        p.error(f"--export takes no other flags (given: {', '.join(map(flag, sorted(typed - {'export'})))})")
-    if args.resume:  # the run's own settings; a typed flag that would change one of the others is refused
-        saved = load_run_args(args.resume)
-        refused = sorted(k for k in typed - {"resume", *RESUME_MAY_CHANGE} if getattr(args, k) != getattr(saved, k))
-        if refused:
-            p.error(f"--resume continues {args.resume} with its own settings: {', '.join(map(flag, refused))} cannot "
-                    f"change (only {', '.join(map(flag, RESUME_MAY_CHANGE))} can)")
-        args = dataclasses.replace(saved, resume=args.resume, out_dir=str(Path(args.resume).parent),
-                                   run_name=Path(args.resume).name, eval="",
-                                   **{k: getattr(args, k) for k in typed & set(RESUME_MAY_CHANGE)})
-    return complete(args, typed, p.error)
-
-
-def complete(args, typed=frozenset(), error=fail):
-    """Every setting checked, with one line naming a bad one, and the derived ones filled in (default prompts, LoRA
-    rank, run name). parse_args calls it, and train() for an Args made in Python. typed: the flags typed."""
-    args = dataclasses.replace(args)
-    if not known_reward(args.reward):
-        error(f"unknown reward {args.reward!r}: one of {', '.join(rewards_lib.REWARDS)}, or module:function")
-    for name, allowed in CHOICES.items():  # argparse checks these on the command line; an Args made in Python too
-        if getattr(args, name) not in allowed:
-            error(f"{flag(name)} {getattr(args, name)!r} is not one of {', '.join(allowed)}")
-    if problem := runfiles.range_problem(args):
-        error(problem)
-    if problem := runfiles.device_problem(args.device):
-        error(problem + ("; the run was made there: resume it here with --device cpu"
-                         if args.resume and "device" not in typed else ""))
-    if args.advantage == "per-prompt" and args.min_count > args.buffer_size:
-        error(f"--min-count {args.min_count} is more than --buffer-size {args.buffer_size}: a prompt's buffer could "
-              f"never hold enough rewards for its own statistics")
-    minibatches, world = round_plan(args, args.num_steps)[0], int(os.environ.get("WORLD_SIZE", 1))
-    sample_batch = args.sample_batch_size if args.sample_batch_size < args.samples_per_epoch // world else 1  # or one batch
-    for name, n in (("--sample-batch-size", sample_batch), ("--samples-per-prompt", args.samples_per_prompt),
-                    ("--num-minibatches", minibatches), ("the number of processes (torchrun)", world)):
-        if args.samples_per_epoch % n:
-            error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
-    if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
-        error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
-    args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS.get(args.reward, "simple_animals")
-    if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full UNet
-        rank = load_run_args(args.model).lora_rank
-        if "lora_rank" in typed and args.lora_rank != rank:
-            error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
-                    f"cannot change that")
-        args.lora_rank = rank
-    elif args.lora_rank is None:
-        args.lora_rank = 0 if args.model == "tiny" else 4
-    if args.eval and "mixed_precision" not in typed:  # --eval samples in the run's own precision
-        args.mixed_precision = load_run_args(args.eval).mixed_precision
-    reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in args.reward)  # module:fn, path/file.py:fn
-    args.run_name = args.run_name or f"{reward}__{args.algo}__{args.seed}__{int(time.time())}"
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,7 +246,7 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
         try:
             load_trainable(models, checkpoint / "trainable.safetensors")
         except Exception as e:  # a truncated file fails in safetensors; a mismatch in load_trainable
-            fail(f"checkpoint {checkpoint} is damaged ({runfiles.why(e)})")
+            fail(f"checkpoint {checkpoint} is damaged ({why(e)})")
         return models
     path = str(TINY_MODEL if name == "tiny" else name)
     try:
@@ -342,8 +261,8 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
             scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae"), device=device, dtype=PRECISIONS[mixed_precision])
     except Exception as e:  # OSError, ValueError, or a damaged weights file's own error (SafetensorError, …)
-        fail(runfiles.model_load_error(name, e))
-    if problem := runfiles.mismatched_components(models):
+        fail(model_load_error(name, e))
+    if problem := mismatched_components(models):
         fail(f"model {name} does not fit together: {problem}")
     for module in (models.text_encoder, models.vae):  # frozen: no gradients, stored in the run's precision
         module.requires_grad_(False).eval().to(device, models.dtype)
@@ -402,12 +321,6 @@ def ddpm_loss(models, x0, cond, t, noise):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompts: p(c) (paper §5). load_prompts (runfiles.py) reads a set: prompts/<name>.txt, one prompt a line, or
-# "alignment", §5.3's "a(n) [animal] [activity]" over the 45 simple animals and prompts/activities.txt
-# (alignment_unseen_activities: over prompts/unseen_activities.txt).
-# ----------------------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------------------
 # The MDP (paper §4.3): s_t = (c, t, x_t), a_t = x_{t-1}, π(a_t | s_t) = p_θ(x_{t-1} | x_t, c).
 # Initial state ρ_0 = (p(c), δ_T, N(0, I)): a prompt, t = T, pure noise. The transition is deterministic,
 # s_{t+1} = (c, t−1, a_t). The reward is r(x_0, c) at the last step and 0 before, so every step's return is r(x_0, c).
@@ -458,7 +371,7 @@ def noise_generators(seed, indices, epoch=0, stream=0):
     """One torch.Generator per trajectory, seeded from (seed, stream, epoch, the trajectory's index in its round) by
     numpy's SeedSequence. A trajectory's noise (x_T, then each step's) depends on nothing else: 1 process drawing 16
     trajectories and 2 processes drawing 8 each draw the same 16, in any sampling batch size. Streams: 0 training,
-    1 the per-epoch eval samples, 2 --eval."""
+    1 the per-epoch eval samples, 2 evaluate.py."""
     return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream, epoch, i]).generate_state(1, np.uint64)[0]))
             for i in indices]
 
@@ -496,42 +409,25 @@ def rescore(models, traj, rows, steps, uncond, args):
     return gaussian_log_prob(traj.states[rows, steps + 1], mean, sigma_t), kl
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): each process samples and scores its share of the round; every process gathers
-# the round's rewards and computes the same advantages; gradients are summed by all-reduce. So N processes take
-# exactly the update of one. In a plain `python ddpo.py` (one process) every function here is the identity.
-# ----------------------------------------------------------------------------------------------------------
-
-def my_share(x):
-    """This process's rows of a round-wide tensor: process r holds samples r·n … r·n + n − 1 of the round."""
-    rank, world = distributed()
-    n = len(x) // world
-    return x[rank * n:(rank + 1) * n]
+class NonFinite(RunError):
+    """Non-finite latents, images, losses, gradients or weights: the run stops at the first."""
 
 
-def gather(x):
-    """Every process's share (first dimension), concatenated in rank order, on every process."""
-    world = distributed()[1]
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    with runfiles.collective():
-        torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def sum_gradients(params):
-    """Add up the processes' gradients (all-reduce). A process's loss is its samples' share of the whole minibatch's
-    mean (divided by the minibatch's size, not by its own count), so the sum is the gradient of that mean."""
-    if distributed()[1] > 1:
-        with runfiles.collective():
-            have = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-            torch.distributed.all_reduce(have)  # how many processes hold each parameter's gradient
-            for p, n in zip(params, have.tolist()):
-                if n and p.grad is None:  # a process that had none of this minibatch's samples adds zeros
-                    p.grad = torch.zeros_like(p)
-            for work in [torch.distributed.all_reduce(p.grad, async_op=True) for p in params if p.grad is not None]:
-                work.wait()
+def sample(models, prompts, args, generators, batch_size, desc="sampling"):
+    """Rollouts for many prompts in batches (generators: noise_generators, one per prompt); returns the trajectories
+    and the decoded images. Non-finite latents or images stop the run here, before they can be scored (a black
+    image is the smallest JPEG)."""
+    parts = [rollout(models, prompts[i:i + batch_size], args, generators[i:i + batch_size])
+             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=bars())]
+    traj = Trajectories.cat(parts)
+    finite = torch.isfinite(traj.states).flatten(2).all(2).all(0)  # (T+1,): is step j finite for every sample
+    if not finite.all():
+        j = int((~finite).nonzero()[0])
+        raise NonFinite(f"non-finite latents while sampling, first after DDIM step {j} of {len(traj.timesteps)}")
+    images = torch.cat([decode(models, p.states[:, -1]) for p in parts])
+    if not torch.isfinite(images).all():
+        raise NonFinite("non-finite images from the decoder")
+    return traj, images
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -710,10 +606,6 @@ def rwr_loss(models, x0, cond, weights, t, noise):
     return (weights * ddpm_loss(models, x0, cond, t, noise)).mean()
 
 
-class NonFinite(RunError):
-    pass
-
-
 def backward(loss, scale, scaler, where):
     if not torch.isfinite(loss):
         raise NonFinite(f"non-finite loss {loss.item()} at {where}")
@@ -770,7 +662,7 @@ def optimizer_step(optimizer, params, args, scaler, logs, where):
         logs["skipped"].append(float(not torch.isfinite(grad_norm)))
     scaler.step(optimizer)
     scaler.update()
-    if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():  # one sync, not one a tensor
+    if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():  # all finite? one check
         bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
         raise NonFinite(f"non-finite weights ({bad}) after {where}")
 
@@ -815,7 +707,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
                 continue
             mine = minibatch[(minibatch >= first) & (minibatch < first + len(traj.prompts))]  # round indices
             with together():  # a non-finite loss on any process stops all of them here
-                for chunk in mine.split(args.train_batch_size) if len(mine) else ():  # split([]) is one empty chunk
+                for chunk in mine.split(args.train_batch_size) if len(mine) else ():  # none here: zero gradient
                     share = len(chunk) / len(minibatch)  # chunks (on all processes) add up to the minibatch's mean
                     train_chunk(rows=chunk - first, chunk=chunk, scaler=scaler, share=share, logs=logs,  # rows: in traj
                                 where=where)
@@ -828,28 +720,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What a run leaves behind: sample grids, metrics.jsonl, reward_curve.png, the fine-tuned model
-# ----------------------------------------------------------------------------------------------------------
-
-def sample(models, prompts, args, generators, batch_size, desc="sampling"):
-    """Rollouts for many prompts in batches (generators: noise_generators, one per prompt); returns the trajectories
-    and the decoded images. Non-finite latents or images stop the run here, before they can be scored (a black
-    image is the smallest JPEG)."""
-    parts = [rollout(models, prompts[i:i + batch_size], args, generators[i:i + batch_size])
-             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=bars())]
-    traj = Trajectories.cat(parts)
-    finite = torch.isfinite(traj.states).flatten(2).all(2).all(0)  # (T+1,): is step j finite for every sample
-    if not finite.all():
-        j = int((~finite).nonzero()[0])
-        raise NonFinite(f"non-finite latents while sampling, first after DDIM step {j} of {len(traj.timesteps)}")
-    images = torch.cat([decode(models, p.states[:, -1]) for p in parts])
-    if not torch.isfinite(images).all():
-        raise NonFinite("non-finite images from the decoder")
-    return traj, images
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training: sample → reward → advantages → estimator, every epoch
+# Training: sample → reward → advantages → estimator, every epoch (paper §4, Algorithm of §4.4)
 # ----------------------------------------------------------------------------------------------------------
 
 def train(args, reward_fn=None):
@@ -858,18 +729,10 @@ def train(args, reward_fn=None):
     if reward_fn is not None:
         name = getattr(reward_fn, "__qualname__", type(reward_fn).__qualname__)
         args = dataclasses.replace(args, reward=f"{reward_fn.__module__}:{name}")
-    args = runfiles.start_processes(complete(args))  # under torchrun: join the others, one device each
-    rank, world = distributed()
-    runfiles.quiet_libraries()
-    run_dir = Path(args.out_dir) / args.run_name
-    if not args.resume and runfiles.holds_run(run_dir):  # a run is only ever continued, never overwritten
-        fail(f"{run_dir} exists: continue it with --resume {run_dir}, or choose another --run-name")
+    run = Run(start_processes(complete(args)))  # under torchrun: join the others, one device each
+    args = run.args
+    quiet_libraries()
     prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
-    try:
-        if rank == 0:  # process 0 alone writes the run's files
-            runfiles.check_writable(run_dir)
-    except OSError as e:
-        fail(f"cannot write the run folder {run_dir} ({runfiles.why(e)})")
     reward_fn = reward_fn or load_reward(args)
     torch.manual_seed(args.seed)  # before the models: a LoRA adapter's initial weights are drawn while loading
     models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
@@ -887,18 +750,11 @@ def train(args, reward_fn=None):
     tracker = PerPromptStatTracker(args.buffer_size, args.min_count, args.samples_per_prompt)
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    start = 0
-    if args.resume:
-        start = load_checkpoint(latest_checkpoint(run_dir), models, optimizer, tracker, rng, generator, scaler, value)
-        if start >= args.epochs:
-            fail(f"{run_dir} has trained {start} epochs already; resume with --epochs above {start}")
-    if rank == 0:
-        print(runfiles.describe(args, len(prompt_set), round_plan(args, args.num_steps), world))
-        print(f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run_dir}; "
+    state = (models, optimizer, tracker, rng, generator, scaler, value)  # all a round depends on: the checkpoint
+    start = run.resume(state) if args.resume else 0
+    run.print(describe(args, len(prompt_set), round_plan(args, args.num_steps), run.world),
+              f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run.dir}; "
               f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
-    metrics = run_dir / "metrics.jsonl"
-    history = runfiles.read_metrics(metrics) if start and rank == 0 else []
-    history = [h for h in history if h["epoch"] <= start]  # epochs after the checkpoint are done again
     eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
     uncond = encode_prompts(models, [""])  # c = ∅ for classifier-free guidance, (1, L, D)
 
@@ -906,75 +762,133 @@ def train(args, reward_fn=None):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
         _, images = sample(models, eval_prompts, args, noise_generators(args.seed, range(8), stream=1), 8, "evaluating")
         r, extras = compute_rewards(reward_fn, args.reward, images, eval_prompts)
-        runfiles.save_eval_grid(images, eval_prompts, r, extras, run_dir / f"grid_{epoch:03d}")
+        save_eval_grid(images, eval_prompts, r, extras, run.dir / f"grid_{epoch:03d}")
         return r.mean().item()
 
-    def log(row):
-        history.append(row)
-        runfiles.write_text(metrics, "".join(json.dumps(h) + "\n" for h in history))
-        runfiles.plot_reward_curve(history, run_dir / "reward_curve.png")
+    with run:  # Ctrl-C stops after the epoch; a failure on any process stops all, naming the last good checkpoint
+        for epoch in run.epochs(evaluate):  # a new run evaluates the pretrained model first (epoch 0)
+            k = args.samples_per_prompt  # c ~ p(c): each drawn prompt sampled k times (the same on every process)
+            prompts = [c for c in rng.choices(prompt_set, k=args.samples_per_epoch // k) for _ in range(k)]
+            mine = my_share(range(len(prompts)))  # this process's trajectories (all of them in one process)
+            with together():  # a reward that raises or a NaN on any process stops every process here
+                traj, images = sample(models, [prompts[i] for i in mine], args, noise_generators(args.seed, mine, epoch),
+                                      args.sample_batch_size)
+                run.lap("sample")
+                r, _ = compute_rewards(reward_fn, args.reward, images, [prompts[i] for i in mine])
+            r = gather(r.to(models.device)).cpu()  # the round's rewards r(x_0, c), (samples_per_epoch,)
+            if value:  # DPOK: the baseline V_φ as it was before this round, then V_φ fitted to the round
+                advantages, extra = value_advantages(value[0], traj, r, args)
+                fit_value(*value, traj, r, args)
+            else:
+                advantages, fraction = compute_advantages(tracker, prompts, r, args)
+                extra = {"adv/per_prompt_fraction": fraction}
+            run.lap("reward")
+            losses = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
+            run.lap("train")
+            run.log(epoch, r, {**extra, **{f"losses/{k}": v for k, v in losses.items()}}, evaluate)
+            run.checkpoint(epoch, state)  # every --save-every epochs, after the last, and when stopped
+    return run.history
 
-    epoch = start
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line: flags → Args, checked; --resume's refusals; a run's saved settings
+# ----------------------------------------------------------------------------------------------------------
+
+CHOICES = {"algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
+           "rwr_weights": ("reward", "advantage"), "mixed_precision": ("no", "fp16", "bf16")}
+RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def known_reward(name):
+    """A reward in rewards.py, or your own to import (module:function, path/to/file.py:function)."""
+    return name in rewards_lib.REWARDS or ":" in name
+
+
+def parse_args(argv=None) -> Args:
+    """Args from the command line: --flags, and @file for a file of them (configs/*.txt, argparse's own
+    fromfile_prefix_chars). --resume takes the run's saved settings; a typed flag that would change them is refused."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, fromfile_prefix_chars="@")
+    for f in dataclasses.fields(Args):
+        kind = {"rwr_threshold": float, "lora_rank": int}.get(f.name, f.type)
+        p.add_argument(flag(f.name), type=kind, default=f.default, choices=CHOICES.get(f.name), help=f.metadata["help"])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --help shows the values in effect (after `@configs/x.txt`: the paper's), not only the built-in defaults
+    p.set_defaults(**vars(p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]))
+    args = Args(**vars(p.parse_args(argv)))
+    unset = object()  # argparse fills in no default where the namespace already has a value
+    given = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})))
+    typed = {name for name, value in given.items() if value is not unset}  # typed, even if equal to the default
+    if args.resume:  # the run's own settings; a typed flag that would change one of the others is refused
+        saved = load_run_args(args.resume)
+        refused = sorted(k for k in typed - {"resume", *RESUME_MAY_CHANGE} if getattr(args, k) != getattr(saved, k))
+        if refused:
+            p.error(f"--resume continues {args.resume} with its own settings: {', '.join(map(flag, refused))} cannot "
+                    f"change (only {', '.join(map(flag, RESUME_MAY_CHANGE))} can)")
+        args = dataclasses.replace(saved, resume=args.resume, out_dir=str(Path(args.resume).parent),
+                                   run_name=Path(args.resume).name,
+                                   **{k: getattr(args, k) for k in typed & set(RESUME_MAY_CHANGE)})
+    return complete(args, typed, p.error)
+
+
+def complete(args, typed=frozenset(), error=fail):
+    """Every setting checked, with one line naming a bad one, and the derived ones filled in (default prompts, LoRA
+    rank, run name). parse_args calls it, and train() for an Args made in Python. typed: the flags typed."""
+    args = dataclasses.replace(args)
+    if not known_reward(args.reward):
+        error(f"unknown reward {args.reward!r}: one of {', '.join(rewards_lib.REWARDS)}, or module:function")
+    for name, allowed in CHOICES.items():  # argparse checks these on the command line; an Args made in Python too
+        if getattr(args, name) not in allowed:
+            error(f"{flag(name)} {getattr(args, name)!r} is not one of {', '.join(allowed)}")
+    if problem := range_problem(args):
+        error(problem)
+    if problem := device_problem(args.device):
+        error(problem + ("; the run was made there: resume it here with --device cpu"
+                         if args.resume and "device" not in typed else ""))
+    if args.advantage == "per-prompt" and args.min_count > args.buffer_size:
+        error(f"--min-count {args.min_count} is more than --buffer-size {args.buffer_size}: a prompt's buffer could "
+              f"never hold enough rewards for its own statistics")
+    minibatches, world = round_plan(args, args.num_steps)[0], int(os.environ.get("WORLD_SIZE", 1))
+    sample_batch = args.sample_batch_size if args.sample_batch_size < args.samples_per_epoch // world else 1  # or one batch
+    for name, n in (("--sample-batch-size", sample_batch), ("--samples-per-prompt", args.samples_per_prompt),
+                    ("--num-minibatches", minibatches), ("the number of processes (torchrun)", world)):
+        if args.samples_per_epoch % n:
+            error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
+    if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
+        error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
+    args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS.get(args.reward, "simple_animals")
+    if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full UNet
+        rank = load_run_args(args.model).lora_rank
+        if "lora_rank" in typed and args.lora_rank != rank:
+            error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
+                    f"cannot change that")
+        args.lora_rank = rank
+    elif args.lora_rank is None:
+        args.lora_rank = 0 if args.model == "tiny" else 4
+    reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in args.reward)  # module:fn, path/file.py:fn
+    args.run_name = args.run_name or f"{reward}__{args.algo}__{args.seed}__{int(time.time())}"
+    return args
+
+
+def load_run_args(run_dir):
+    """A run's saved settings (args.json); names this ddpo.py does not know (a reward, an algorithm) are refused,
+    and settings it no longer has are ignored."""
+    path = Path(run_dir) / "args.json"
+    if not path.is_file():
+        fail(f"{run_dir} is not a run folder (no args.json)")
     try:
-        with runfiles.CtrlC() as ctrl_c:
-            with together():
-                if rank == 0:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    runfiles.write_text(run_dir / "args.json", json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-                    if not start:
-                        log({"epoch": 0, "eval/reward_mean": evaluate(0)})
-            epochs = tqdm(range(start + 1, args.epochs + 1), desc="epochs", initial=start, total=args.epochs, disable=bars())
-            for epoch in epochs:
-                t0 = time.time()
-                k = args.samples_per_prompt  # c ~ p(c), each drawn prompt sampled k times (the same on every process)
-                prompts = [c for c in rng.choices(prompt_set, k=args.samples_per_epoch // k) for _ in range(k)]
-                mine = range(rank * len(prompts) // world, (rank + 1) * len(prompts) // world)  # this process's share
-                with together():  # a reward that raises or a NaN on any process stops every process here
-                    traj, images = sample(models, [prompts[i] for i in mine], args, noise_generators(args.seed, mine, epoch),
-                                          args.sample_batch_size)
-                    t1 = time.time()
-                    r_mine, _ = compute_rewards(reward_fn, args.reward, images, [prompts[i] for i in mine])
-                r = gather(r_mine.to(models.device)).cpu()  # the round's rewards, (samples_per_epoch,)
-                if value:  # DPOK: the baseline V_φ as it was before this round, then V_φ fitted to the round
-                    advantages, extra = value_advantages(value[0], traj, r, args)
-                    fit_value(*value, traj, r, args)
-                else:
-                    advantages, fraction = compute_advantages(tracker, prompts, r, args)
-                    extra = {"adv/per_prompt_fraction": fraction}
-                t2 = time.time()
-                logs = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
-                t3 = time.time()
-                with together():  # process 0 evaluates and writes; a full disk there stops every process
-                    if rank == 0:
-                        log({"epoch": epoch, "reward/mean": r.mean().item(), "reward/std": r.std(unbiased=False).item(),
-                             "reward/min": r.min().item(), "reward/max": r.max().item(), "eval/reward_mean": evaluate(epoch),
-                             **extra, **{f"losses/{k}": v for k, v in logs.items()}, "time/sample_s": t1 - t0,
-                             "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/epoch_s": time.time() - t0})
-                        epochs.set_postfix(reward=f"{r.mean().item():.4g}", eval=f"{history[-1]['eval/reward_mean']:.4g}")
-                        if epochs.disable:  # no terminal (a log file, a batch job): one line per epoch instead of bars
-                            print(f"epoch {epoch}/{args.epochs}: reward {r.mean().item():.4g}, eval "
-                                  f"{history[-1]['eval/reward_mean']:.4g} ({time.time() - t0:.1f} s)", flush=True)
-                stop = any(gather_objects(ctrl_c.requested))  # Ctrl-C on any process: all stop after this epoch
-                with together():
-                    if rank == 0 and (epoch % args.save_every == 0 or epoch == args.epochs or stop):
-                        save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler, value)
-                if stop and epoch < args.epochs:
-                    sys.exit(f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run_dir}"
-                             if rank == 0 else 1)
-    except CollectiveFailed as e:  # a gather or all-reduce that could not complete
-        fail(f"process {rank}: a collective did not complete in epoch {epoch} ({e}): another process stopped, or "
-             f"took longer than --collective-timeout {args.collective_timeout:g} s")
-    except (RunError, OSError) as e:  # a full disk while writing metrics or grids is an OSError
-        if rank > 0:  # shared by together(), or raised alike on every process (a summed gradient): process 0 says it
-            sys.exit(1)
-        kept = checkpoints(run_dir)
-        what = e if isinstance(e, RunError) else runfiles.why(e)
-        fail(f"{what} in epoch {epoch}; " + (f"the last good checkpoint is {kept[-1]}: resume with --resume {run_dir}"
-                                             if kept else "no checkpoint was written yet"))
-    if rank == 0:
-        print(f"eval reward {history[0]['eval/reward_mean']:.4g} → {history[-1]['eval/reward_mean']:.4g}; "
-              f"the fine-tuned model: --model {run_dir}")
-    return history
+        saved = json.loads(path.read_text())
+        args = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
+    except (ValueError, TypeError, AttributeError) as e:
+        fail(f"{path} is damaged ({why(e)})")
+    for name, allowed in {**CHOICES, "reward": list(rewards_lib.REWARDS)}.items():
+        if getattr(args, name) not in allowed and not (name == "reward" and known_reward(args.reward)):
+            fail(f"{run_dir} was made with {flag(name)} {getattr(args, name)!r}, which this ddpo.py does not know "
+                 f"(known: {', '.join(allowed)})")
+    return args
 
 
 def main(argv=None):
@@ -982,23 +896,16 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         try:
-            if (args.export or args.eval) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-                fail(f"{'--export' if args.export else '--eval'} runs in one process: python ddpo.py, not torchrun")
-            if args.export:
-                return runfiles.export(*args.export)
-            return runfiles.evaluate_run(args) if args.eval else train(args)
-        except KeyboardInterrupt:
+            return train(args)
+        except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM): stop now, keep the last checkpoint
             run = Path(args.out_dir) / args.run_name
             kept = checkpoints(run)
             sys.exit(f"stopped; the last checkpoint ({kept[-1].name}) is kept: resume with --resume {run}" if kept
                      else "stopped before the first checkpoint was written; nothing to resume")
-        except RunError as e:  # in --eval; train() adds the epoch and the checkpoint itself
+        except RunError as e:  # before the first epoch (in an epoch, train() names it and the last checkpoint)
             fail(str(e))
-        except OSError as e:  # in --eval: its folder cannot be written (read-only, a full disk)
-            fail(runfiles.why(e))
-    finally:  # progress bars cleared before any error line is printed, so nothing is left in front of it
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()
+    finally:
+        clear_bars()
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ EXERCISES = {  # N: what to write, where to read
     6: "RWR's exponential and sparse weights, paper §4.2",
     7: "DPOK's KL between two Gaussians with the same σ_t, Fan et al. 2023 §4",
 }
-SHIPPED = ["ddpo.py", "runfiles.py", "rewards.py", "tiny_world.py", "compare.py", "bench.py", "requirements.txt",
-           "README.md", "EXERCISES.md", "test_exercises.py", "tiny_model", "prompts", "docs"]
+SHIPPED = ["ddpo.py", "rewards.py", "checkpoints.py", "command_line.py", "files.py", "model_checks.py", "pictures.py",
+           "processes.py", "training_run.py", "evaluate.py", "export.py", "tiny_world.py", "compare.py", "bench.py",
+           "requirements.txt", "README.md", "EXERCISES.md", "test_exercises.py", "tiny_model", "prompts", "configs", "docs"]
 REGION = re.compile(r"^( *)# exercise (\d+): begin\n.*?^ *# exercise \2: end\n", re.M | re.S)
 
 

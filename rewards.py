@@ -6,16 +6,20 @@ the sample grid so a user can see *why* an image scored as it did. images is a f
 [0, 1], prompts a list of B strings.
 
 REWARDS maps the --reward name to a function, or to a class whose models are loaded once, in-process, by
-make_reward() before any sampling. DEFAULT_PROMPTS maps it to the prompt set the paper used for that task.
+make_reward() before any sampling. DEFAULT_PROMPTS maps it to the prompt set the paper used for that task;
+load_prompts reads a set. compute_rewards is the contract: it checks what a reward returns on every call.
 """
 import io
 import json
 import math
+import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from files import RunError, fail, why
 
 
 def to_pil(images):
@@ -51,12 +55,6 @@ def jpeg_incompressibility(images, prompts):
 
 class RewardLoadError(Exception):
     pass
-
-
-def why(error):
-    """An exception in one line: "TypeName: the first line of its message" (rewards.py stands alone: no runfiles)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def from_pretrained(loader, model_id, flag, **kwargs):
@@ -409,3 +407,90 @@ def make_reward(name, device, **options):
         defaults = {k: MODEL_OPTIONS[k][0] for k in wanted if k in MODEL_OPTIONS}
         return reward(device, **{**defaults, **{k: v for k, v in options.items() if k in wanted}})
     return reward
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompt sets p(c) (paper §5): prompts/<name>.txt, one prompt a line, or the alignment task's products
+# --------------------------------------------------------------------------------------------------------
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # the prompt sets: <name>.txt, one prompt a line
+
+
+def read_prompt_file(path):
+    """One prompt a line (blank lines skipped); a missing, unreadable, binary or empty file is one line."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"prompt file {path} cannot be read as UTF-8 text ({why(e)})")
+    if "\0" in text:
+        fail(f"prompt file {path} is not a text file (it holds NUL bytes)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        fail(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def alignment_prompts(activities_file):
+    """Paper §5.3: "a(n) [animal] [activity]" from the 45 simple animals and a file of activities."""
+    animals = read_prompt_file(PROMPTS / "simple_animals.txt")
+    return [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in animals for act in read_prompt_file(activities_file)]
+
+
+PROMPT_SETS = {  # sets built from two files; every prompts/<name>.txt is a set too
+    "alignment": lambda: alignment_prompts(PROMPTS / "activities.txt"),
+    "alignment_unseen_activities": lambda: alignment_prompts(PROMPTS / "unseen_activities.txt"),
+}
+
+
+def load_prompts(spec):
+    """A prompt set by name (prompts/<name>.txt or PROMPT_SETS) or a path to a text file, one prompt a line."""
+    if spec in PROMPT_SETS:
+        return PROMPT_SETS[spec]()
+    if (PROMPTS / f"{spec}.txt").is_file():
+        return read_prompt_file(PROMPTS / f"{spec}.txt")
+    if not Path(spec).is_file():
+        names = sorted([p.stem for p in PROMPTS.glob("*.txt")] + list(PROMPT_SETS))
+        fail(f"prompt file or set {spec!r} does not exist; known sets: {', '.join(names)}")
+    return read_prompt_file(spec)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The reward contract: what train() accepts from a reward, checked on every call
+# --------------------------------------------------------------------------------------------------------
+
+def compute_rewards(reward_fn, name, images, prompts):
+    """r(x_0, c) and per-sample extras; stops the run on an exception, a wrong shape or a non-finite value,
+    naming the sample (a batch that raises is retried one sample at a time to find it)."""
+    try:
+        out = reward_fn(images, prompts)
+    except Exception as e:
+        traceback.print_exc()  # the reward's own traceback, then our one line
+        culprit = next((i for i in range(len(prompts)) if raises(reward_fn, images[i:i + 1], prompts[i:i + 1])), None)
+        which = f"sample {culprit} (prompt {prompts[culprit]!r})" if culprit is not None else f"a batch of {len(prompts)}"
+        raise RunError(f"reward {name!r} raised {why(e)} on {which}") from e
+    r, extras = out if isinstance(out, tuple) else (out, {})
+    if isinstance(r, torch.Tensor):  # a score, not a loss: DDPO's gradient never flows through the reward (§4)
+        r = r.detach()
+    try:
+        r = torch.as_tensor(r, dtype=torch.float32).cpu()
+    except (TypeError, ValueError, RuntimeError) as e:  # strings, None, ragged lists, …
+        raise RunError(f"reward {name!r} returned {type(r).__name__} that is not numbers ({why(e)}): it must return "
+                       f"{len(prompts)} numbers") from e
+    if r.shape != (len(prompts),):
+        raise RunError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)")
+    bad = torch.nonzero(~torch.isfinite(r)).flatten()
+    if len(bad):
+        i = bad[0].item()
+        raise RunError(f"reward {name!r} returned {r[i].item()} for sample {i} (prompt {prompts[i]!r})")
+    return r, extras
+
+
+def raises(fn, *inputs):
+    try:
+        fn(*inputs)
+        return False
+    except Exception:
+        return True

@@ -19,9 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
+import command_line
 import ddpo
+import evaluate
+import export
+import files
+import model_checks
 import rewards
-import runfiles
 import tiny_world
 
 HERE = Path(__file__).resolve().parent
@@ -105,7 +109,7 @@ def test_sigma_matches_closed_form():
 ])
 def test_schedulers_without_a_ddim_density_are_refused(overrides, refused):
     scheduler = sd_scheduler(**overrides)
-    problem = ddpo.check_scheduler(scheduler, 20)
+    problem = model_checks.check_scheduler(scheduler, 20)
     assert (problem is None) if refused is None else (refused in problem), problem
     if refused == "set_alpha_to_one=True":  # why: diffusers' own last step has no noise at all
         scheduler.set_timesteps(20)
@@ -197,7 +201,7 @@ def test_noise_streams_differ_where_they_must_and_repeat_where_they_must():
 
 def test_each_random_stream_is_keyed_as_it_must_be_in_a_run(tmp_path, monkeypatch):
     """Training noise: new every epoch, one key per trajectory (the k samples of a prompt differ). The per-epoch eval
-    samples: the same noise every epoch (stream 1), never a training sample's. --eval: its own stream (2)."""
+    samples: the same noise every epoch (stream 1), never a training sample's. evaluate.py: its own stream (2)."""
     calls, real = [], ddpo.noise_generators
     monkeypatch.setattr(ddpo, "noise_generators", lambda seed, indices, epoch=0, stream=0: (
         calls.append((seed, list(indices), epoch, stream)) or real(seed, indices, epoch, stream)))
@@ -206,7 +210,7 @@ def test_each_random_stream_is_keyed_as_it_must_be_in_a_run(tmp_path, monkeypatc
     assert [c for c in calls if c[3] == 0] == [(3, [0, 1, 2, 3], 1, 0), (3, [0, 1, 2, 3], 2, 0)]
     assert [c for c in calls if c[3] != 0] == [(3, list(range(8)), 0, 1)] * 3  # epochs 0, 1, 2
     calls.clear()
-    ddpo.main(["--eval", str(tmp_path / "s")])
+    evaluate.main([str(tmp_path / "s")])
     assert calls and all(c[3] == 2 and c[2] == 0 for c in calls)
 
 
@@ -685,19 +689,19 @@ def test_jpeg_rewards():
 
 def test_non_finite_misshapen_or_raising_reward_stops_with_the_sample_named():
     broken = lambda images, prompts: torch.tensor([0.5, float("nan"), 1.0])
-    with pytest.raises(ddpo.RunError, match=r"reward 'broken' returned nan for sample 1 \(prompt 'dog'\)"):
-        ddpo.compute_rewards(broken, "broken", torch.zeros(3, 3, 4, 4), ["cat", "dog", "cow"])
-    with pytest.raises(ddpo.RunError, match=r"returned shape \(3,\), expected \(2,\)"):
-        ddpo.compute_rewards(broken, "broken", torch.zeros(2, 3, 4, 4), ["cat", "dog"])
+    with pytest.raises(files.RunError, match=r"reward 'broken' returned nan for sample 1 \(prompt 'dog'\)"):
+        rewards.compute_rewards(broken, "broken", torch.zeros(3, 3, 4, 4), ["cat", "dog", "cow"])
+    with pytest.raises(files.RunError, match=r"returned shape \(3,\), expected \(2,\)"):
+        rewards.compute_rewards(broken, "broken", torch.zeros(2, 3, 4, 4), ["cat", "dog"])
 
     def no_cows(images, prompts):
         if "cow" in prompts:
             raise ValueError("cannot score cows")
         return torch.zeros(len(prompts))
 
-    with pytest.raises(ddpo.RunError, match=r"reward 'no_cows' raised ValueError: cannot score cows on sample 2 "
+    with pytest.raises(files.RunError, match=r"reward 'no_cows' raised ValueError: cannot score cows on sample 2 "
                                             r"\(prompt 'cow'\)"):
-        ddpo.compute_rewards(no_cows, "no_cows", torch.zeros(4, 3, 4, 4), ["cat", "dog", "cow", "pig"])
+        rewards.compute_rewards(no_cows, "no_cows", torch.zeros(4, 3, 4, 4), ["cat", "dog", "cow", "pig"])
 
 
 @pytest.mark.parametrize("content, message", [
@@ -707,18 +711,18 @@ def test_non_finite_misshapen_or_raising_reward_stops_with_the_sample_named():
 def test_a_prompt_file_that_is_not_text_is_one_line(tmp_path, content, message):
     (tmp_path / "prompts.txt").write_bytes(content)
     with pytest.raises(SystemExit, match=f"error: prompt file {tmp_path / 'prompts.txt'} {message}"):
-        ddpo.load_prompts(str(tmp_path / "prompts.txt"))
+        rewards.load_prompts(str(tmp_path / "prompts.txt"))
 
 
 def test_prompt_sets():
-    animals = ddpo.load_prompts("imagenet_animals")
+    animals = rewards.load_prompts("imagenet_animals")
     assert len(animals) == 398 and animals[0] == "tench" and animals[-1] == "puffer"  # ImageNet ids 0–397
-    assert len(ddpo.load_prompts("simple_animals")) == 45
-    alignment = ddpo.load_prompts("alignment")
+    assert len(rewards.load_prompts("simple_animals")) == 45
+    alignment = rewards.load_prompts("alignment")
     assert len(alignment) == 45 * 3 and "an ant playing chess" in alignment and "a cat riding a bike" in alignment
-    assert "a turtle driving a car" in ddpo.load_prompts("alignment_unseen_activities")
-    assert ddpo.load_prompts(str(HERE / "prompts" / "everyday_objects.txt")) == ddpo.load_prompts("everyday_objects")
-    assert not set(ddpo.load_prompts("unseen_animals")) & set(ddpo.load_prompts("simple_animals"))
+    assert "a turtle driving a car" in rewards.load_prompts("alignment_unseen_activities")
+    assert rewards.load_prompts(str(HERE / "prompts" / "everyday_objects.txt")) == rewards.load_prompts("everyday_objects")
+    assert not set(rewards.load_prompts("unseen_animals")) & set(rewards.load_prompts("simple_animals"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -967,14 +971,45 @@ def test_the_papers_config_files_give_the_papers_settings(task, reward):
     assert ddpo.parse_args([f"@{HERE / 'configs' / f'sd14_{task}.txt'}", "--device", "cpu", "--algo", "sf"]).algo == "sf"
 
 
+def test_help_after_a_config_file_shows_the_files_values(capsys, monkeypatch):
+    """python ddpo.py @configs/sd14_compressibility.txt --help: the paper's values as the defaults in effect."""
+    monkeypatch.setenv("COLUMNS", "250")  # argparse wraps at the terminal's width, a hub id included
+    with pytest.raises(SystemExit) as stop:
+        ddpo.parse_args([f"@{HERE / 'configs' / 'sd14_compressibility.txt'}", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert stop.value.code == 0
+    for shown in ("(default: CompVis/stable-diffusion-v1-4)", "(paper: 50) (default: 50)", "(default: 256)",
+                  "(default: 0.0001)", "(default: fp16)", "(default: 4)"):
+        assert shown in text, shown
+    with pytest.raises(SystemExit):
+        ddpo.parse_args(["--help"])
+    assert "(paper: 50) (default: 20)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_a_sample_batch_larger_than_the_round_is_one_batch_and_a_smaller_one_must_divide_it():
     args = ddpo.parse_args(["--samples-per-epoch", "16", "--samples-per-prompt", "4"])  # the default batch: 64
-    assert "16 samples per epoch (4 prompts x 4) = 1 batch(es) of 16," in runfiles.describe(
+    assert "16 samples per epoch (4 prompts x 4) = 1 batch(es) of 16," in command_line.describe(
         args, 398, ddpo.round_plan(args, args.num_steps))
     args = ddpo.parse_args(["--samples-per-epoch", "48", "--samples-per-prompt", "4", "--sample-batch-size", "16"])
-    assert "= 3 batch(es) of 16," in runfiles.describe(args, 398, ddpo.round_plan(args, args.num_steps))
+    assert "= 3 batch(es) of 16," in command_line.describe(args, 398, ddpo.round_plan(args, args.num_steps))
     with pytest.raises(SystemExit, match="--samples-per-epoch 24 is not a multiple of --sample-batch-size 16"):
         ddpo.parse_args(["--samples-per-epoch", "24", "--samples-per-prompt", "4", "--sample-batch-size", "16"])
+
+
+def test_evaluate_and_export_take_bad_input_as_one_line(tmp_path, main_error):
+    """The two entry files beside ddpo.py: a folder that is no run, a bad device, a missing argument."""
+    assert main_error(str(tmp_path), entry=evaluate.main) == f"error: {tmp_path} is not a run folder (no args.json)"
+    assert main_error(str(tmp_path), "--device", "gpu0", entry=evaluate.main).startswith(
+        "error: --device 'gpu0' is not a torch device")
+    assert main_error(str(tmp_path), "--seed", "-1", entry=evaluate.main) == \
+        "error: --seed -1 is out of range (must be ≥ 0) (see --help)"
+    assert main_error(str(tmp_path), str(tmp_path / "out"), entry=export.main) == \
+        f"error: {tmp_path} is not a run folder (no args.json)"
+    assert main_error(str(tmp_path), entry=export.main) == "error: the following arguments are required: out (see --help)"
+    assert not (tmp_path / "out").exists()
+    for entry in ("evaluate.py", "export.py"):
+        result = subprocess.run([sys.executable, str(HERE / entry), "--help"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "usage: " + entry in result.stdout and "run" in result.stdout
 
 
 def test_bad_input_from_the_shell_is_one_line_on_stderr(tmp_path):
@@ -1014,11 +1049,11 @@ def test_empty_prompt_file_is_an_error(tmp_path, main_error):
     assert not (tmp_path / "runs").exists()
 
 
-FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume eval
-eval-prompts device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
+FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume
+device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
 adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
 rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
-pickscore-processor imagereward-model imagereward-tokenizer export""".split()
+pickscore-processor imagereward-model imagereward-tokenizer""".split()
 
 
 def test_help_lists_the_documented_flags_with_their_defaults_and_symbols():
@@ -1082,18 +1117,17 @@ def test_resume_takes_every_typed_flag_it_may_change_and_refuses_the_others(tmp_
 
 def test_a_run_made_with_an_unknown_reward_is_one_line(tmp_path):
     run = write_run_args(tmp_path / "r", reward="my_reward")
-    for argv in (["--resume", str(run)], ["--eval", str(run)], ["--model", str(run)]):
+    for entry, argv in ((ddpo.parse_args, ["--resume", str(run)]), (ddpo.parse_args, ["--model", str(run)]),
+                        (evaluate.main, [str(run)])):
         with pytest.raises(SystemExit, match=r"was made with --reward 'my_reward', which this ddpo.py does not know"):
-            ddpo.parse_args(argv)
+            entry(argv)
 
 
-def test_a_run_as_model_keeps_its_lora_rank_and_eval_its_precision(tmp_path):
+def test_a_run_as_model_keeps_its_lora_rank(tmp_path):
     run = write_run_args(tmp_path / "r", lora_rank=4, mixed_precision="bf16")
     assert ddpo.parse_args(["--model", str(run)]).lora_rank == 4
     with pytest.raises(SystemExit, match=r"is a run trained with LoRA rank 4; --lora-rank 0 cannot change that"):
         ddpo.parse_args(["--model", str(run), "--lora-rank", "0"])
-    assert ddpo.parse_args(["--eval", str(run)]).mixed_precision == "bf16"
-    assert ddpo.parse_args(["--eval", str(run), "--mixed-precision", "no"]).mixed_precision == "no"
 
 
 def test_an_unwritable_out_dir_is_refused_before_any_model_loads(tmp_path, monkeypatch):
@@ -1200,7 +1234,7 @@ def test_a_reward_by_import_path_trains_resumes_and_evaluates(tmp_path, monkeypa
     ddpo.main(["--resume", str(tmp_path / "b"), "--epochs", "2"])
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2] and 0 < rows[-1]["reward/mean"] < 1  # mean pixel value
-    summary = ddpo.main(["--eval", str(tmp_path / "b")])
+    summary = evaluate.main([str(tmp_path / "b")])
     assert 0 < summary["train"]["base_reward_mean"] < 1
     ddpo.main(["--reward", f"{tmp_path / 'my_rewards.py'}:Darkness", *TINY_RUN, "--out-dir", str(tmp_path), "--run-name", "d"])
     assert -1 < json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[-1])["reward/mean"] < 0

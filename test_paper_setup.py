@@ -1,6 +1,6 @@
 """Tests for the paper's setup, offline on CPU: a tiny random Stable-Diffusion-style pipeline (VAE, CLIP text
 encoder, latent UNet) saved as a real StableDiffusionPipeline folder, LoRA, bf16, checkpoints and resume,
-Ctrl-C, non-finite losses, --eval.
+Ctrl-C, non-finite losses, evaluate.py, export.py.
 
     python -m pytest -q test_paper_setup.py     # this file
     python -m pytest -q -n 2 --dist loadgroup   # the whole suite, as the README and CI run it
@@ -17,7 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import ddpo
+import evaluate
+import export
+import rewards
 import tiny_world
 
 HERE = Path(__file__).resolve().parent
@@ -281,7 +285,7 @@ def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, 
     with pytest.raises(SystemExit, match=r"stopped; the last checkpoint \(epoch_0001\) is kept"):
         ddpo.main(["--resume", str(run), "--epochs", "2"])
     assert not (run / "checkpoints" / "epoch_0002.tmp").exists()  # the unfinished one is removed …
-    assert ddpo.latest_checkpoint(run).name == "epoch_0001"  # … and the last whole one is the one used
+    assert checkpoints.latest_checkpoint(run).name == "epoch_0001"  # … and the last whole one is the one used
     monkeypatch.setattr(torch, "save", real_save)
     ddpo.main(["--resume", str(run), "--epochs", "2"])
     assert [r["epoch"] for r in metrics(run)] == [0, 1, 2]
@@ -291,12 +295,12 @@ def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, 
 # torch and ddpo, not diffusers (10 s a process). save_checkpoint reads nothing but models.unet's parameters.
 STAND_IN_UNET = "torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(340)))"
 CHECKPOINT_WRITER = f"""
-import random, sys, types, torch, ddpo
+import random, sys, types, torch, checkpoints, ddpo
 run = sys.argv[1]
 models = types.SimpleNamespace(unet={STAND_IN_UNET})
 params = list(models.unet.parameters())
 optimizer, tracker, rng, generator = torch.optim.AdamW(params), ddpo.PerPromptStatTracker(16, 4), random.Random(0), torch.Generator()
-start = ddpo.load_checkpoint(ddpo.latest_checkpoint(run), models, optimizer, tracker, rng, generator) if ddpo.checkpoints(run) else 0
+start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run), models, optimizer, tracker, rng, generator) if checkpoints.checkpoints(run) else 0
 for epoch in range(start + 1, 10**6):
     with torch.no_grad():
         for p in params:
@@ -304,7 +308,7 @@ for epoch in range(start + 1, 10**6):
         optimizer.step()  # optimizer state to save too
         for p in params:
             p.fill_(epoch)  # the weights say which epoch wrote them
-    ddpo.save_checkpoint(run, epoch, models, optimizer, tracker, rng, generator)
+    checkpoints.save_checkpoint(run, epoch, models, optimizer, tracker, rng, generator)
     print(epoch, flush=True)
 """
 
@@ -328,8 +332,8 @@ def test_a_checkpointing_process_killed_with_sigkill_always_leaves_a_whole_check
         killed_mid_write += any((run / "checkpoints").glob("*.tmp"))
         models = types.SimpleNamespace(unet=eval(STAND_IN_UNET))
         params = list(models.unet.parameters())
-        latest = ddpo.latest_checkpoint(run)
-        epoch = ddpo.load_checkpoint(latest, models, torch.optim.AdamW(params), ddpo.PerPromptStatTracker(16, 4),
+        latest = checkpoints.latest_checkpoint(run)
+        epoch = checkpoints.load_checkpoint(latest, models, torch.optim.AdamW(params), ddpo.PerPromptStatTracker(16, 4),
                                      random.Random(0), torch.Generator())
         assert epoch == int(latest.name.removeprefix("epoch_")) >= first
         assert all(torch.all(p == epoch) for p in params)
@@ -380,7 +384,7 @@ def test_a_reward_that_raises_names_the_sample_and_keeps_the_checkpoint(tmp_path
                                          r"of 2 in epoch 2; the last good checkpoint is .*epoch_0001"):
         ddpo.main(argv)
     assert "Traceback" in capsys.readouterr().err  # the reward's own traceback is kept, above the line
-    assert ddpo.latest_checkpoint(tmp_path / "r").name == "epoch_0001"
+    assert checkpoints.latest_checkpoint(tmp_path / "r").name == "epoch_0001"
 
 
 @pytest.mark.parametrize("seed_b, same", [("7", True), ("8", False)])
@@ -393,7 +397,7 @@ def test_lora_runs_follow_the_seed(sd_dir, tmp_path, seed_b, same):
         torch.manual_seed(int(name == "b"))  # whatever the global RNG held before must not matter
         ddpo.main(train_argv(sd_dir, tmp_path, name, "--lora-rank", "4", "--seed", seed, "--lr", "0",
                              "--num-minibatches", "1"))
-    a, b = (load_file(ddpo.latest_checkpoint(tmp_path / n) / "trainable.safetensors") for n in "ab")
+    a, b = (load_file(checkpoints.latest_checkpoint(tmp_path / n) / "trainable.safetensors") for n in "ab")
     lora_a = [k for k in a if "lora_A" in k]
     assert lora_a and all(torch.equal(a[k], b[k]) == same for k in lora_a)
     if same:
@@ -414,7 +418,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tm
     with pytest.raises(SystemExit, match=r"non-finite loss nan at optimizer step 1, timestep t=\d+ in epoch 2; "
                                           r"the last good checkpoint is .*epoch_0001: resume with --resume"):
         ddpo.main(argv)
-    assert ddpo.latest_checkpoint(tmp_path / "r").name == "epoch_0001"
+    assert checkpoints.latest_checkpoint(tmp_path / "r").name == "epoch_0001"
 
 
 def test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
@@ -448,7 +452,7 @@ def test_ctrl_c_finishes_the_epoch_writes_a_checkpoint_and_says_how_to_resume(tm
     epoch = len(metrics(run)) - 1
     assert 1 <= epoch < 50 and stop.value.code == (f"interrupted after epoch {epoch}, checkpoint written: resume with "
                                                    f"--resume {run}")
-    assert ddpo.latest_checkpoint(run).name == f"epoch_{epoch:04d}"
+    assert checkpoints.latest_checkpoint(run).name == f"epoch_{epoch:04d}"
 
 
 TINY_ARGV = ["--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
@@ -482,7 +486,18 @@ def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_and_the_run_is_kept(t
     assert stderr.strip() == f"error: {run} exists: continue it with --resume {run}, or choose another --run-name"
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
     ddpo.main(["--resume", str(run), "--epochs", "2"])
-    assert len(metrics(run)) == 3 and ddpo.latest_checkpoint(run).name == "epoch_0002"
+    assert len(metrics(run)) == 3 and checkpoints.latest_checkpoint(run).name == "epoch_0002"
+
+
+def test_resume_drops_the_metrics_of_epochs_after_its_checkpoint_and_trains_them_again(tmp_path):
+    """A run killed after it logged epoch 3 but before epoch 3's checkpoint: resuming from epoch 2's checkpoint
+    trains epoch 3 again, and metrics.jsonl holds each epoch once, the epoch from the resumed run."""
+    ddpo.main([*TINY_ARGV, "--epochs", "2", "--out-dir", str(tmp_path), "--run-name", "m"])
+    path = tmp_path / "m" / "metrics.jsonl"
+    path.write_text(path.read_text() + json.dumps({"epoch": 3, "eval/reward_mean": 99.0}) + "\n")
+    ddpo.main(["--resume", str(tmp_path / "m"), "--epochs", "3"])
+    rows = metrics(tmp_path / "m")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and rows[-1]["eval/reward_mean"] != 99.0
 
 
 def test_resume_of_a_run_whose_metrics_are_damaged_is_one_line_naming_the_file_and_the_line(tmp_path, main_error):
@@ -511,14 +526,14 @@ def test_sigterm_finishes_the_epoch_writes_a_checkpoint_and_a_second_one_stops_a
 
     run = tmp_path / "twice"
     proc, finish = start_run(tmp_path, "--epochs", "50", "--save-every", "1", "--run-name", "twice")
-    wait_for(lambda: bool(ddpo.checkpoints(run)), proc)  # epoch 1's checkpoint is whole
+    wait_for(lambda: bool(checkpoints.checkpoints(run)), proc)  # epoch 1's checkpoint is whole
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stderr = finish()
     last = stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("stopped; the last checkpoint (epoch_") and "is kept" in last, stderr
-    kept = ddpo.latest_checkpoint(run).name
+    kept = checkpoints.latest_checkpoint(run).name
     assert f"({kept})" in last and int(kept[-4:]) < 50
 
 
@@ -527,9 +542,10 @@ def test_a_run_with_a_truncated_weights_file_is_one_line_for_model_and_eval(tmp_
                "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r"])
     weights = tmp_path / "r" / "checkpoints" / "epoch_0001" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    for argv in (["--model", str(tmp_path / "r"), "--out-dir", str(tmp_path)], ["--eval", str(tmp_path / "r")]):
+    for entry, argv in ((ddpo.main, ["--model", str(tmp_path / "r"), "--out-dir", str(tmp_path)]),
+                        (evaluate.main, [str(tmp_path / "r")])):
         with pytest.raises(SystemExit, match=r"error: checkpoint .*epoch_0001 is damaged \(SafetensorError: "):
-            ddpo.main(argv)
+            entry(argv)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -560,14 +576,14 @@ def test_bad_setup_flags_are_one_clear_line(main_error, argv, message):
 
 
 # --------------------------------------------------------------------------------------------------------
-# --eval
+# evaluate.py
 # --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("lora_rank, precision", [("4", "no"), ("0", "no"), ("4", "bf16")])
 def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path, lora_rank, precision):
     ddpo.main(train_argv(sd_dir, tmp_path, "run", "--algo", "is", "--lr", "1e-2", "--lora-rank", lora_rank,
                          "--mixed-precision", precision))
-    summary = ddpo.main(["--eval", str(tmp_path / "run"), "--eval-prompts", "unseen_animals"])
+    summary = evaluate.main([str(tmp_path / "run"), "--eval-prompts", "unseen_animals"])
     saved = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert set(saved) == {"train", "heldout"} and saved["heldout"]["prompts"] == "unseen_animals"
     for which in ("train", "heldout"):
@@ -577,10 +593,10 @@ def test_eval_writes_side_by_side_grids_and_both_mean_rewards(sd_dir, tmp_path, 
     assert saved["train"]["base_reward_mean"] != saved["train"]["tuned_reward_mean"]
     # "base" is the base model itself (with LoRA: the adapter switched off), in the run's precision: sampled here
     run = ddpo.load_run_args(tmp_path / "run")
-    prompts = random.Random(0).choices(ddpo.load_prompts(run.prompts), k=16)
+    prompts = random.Random(0).choices(rewards.load_prompts(run.prompts), k=16)
     base = ddpo.load_models(str(sd_dir), "cpu", mixed_precision=precision)
     _, images = ddpo.sample(base, prompts, run, ddpo.noise_generators(0, range(16), stream=2), 4)
-    r, _ = ddpo.compute_rewards(ddpo.load_reward(run), run.reward, images, prompts)
+    r, _ = rewards.compute_rewards(ddpo.load_reward(run), run.reward, images, prompts)
     assert saved["train"]["base_reward_mean"] == r.mean().item()
 
 
@@ -607,7 +623,7 @@ def test_export_loads_in_diffusers_pipelines_with_the_runs_unet(sd_dir, tmp_path
 
     base_dir = ddpo.TINY_MODEL if model == "tiny" else sd_dir
     ddpo.main(train_argv(model if model == "tiny" else sd_dir, tmp_path, "run", "--lora-rank", lora_rank, "--lr", "1e-2"))
-    ddpo.main(["--export", str(tmp_path / "run"), str(tmp_path / "out")])
+    export.main([str(tmp_path / "run"), str(tmp_path / "out")])
     ours = unet_outputs(ddpo.load_models(str(tmp_path / "run"), "cpu").unet)
     base = unet_outputs(ddpo.load_models(str(base_dir), "cpu").unet)
     assert (ours - base).abs().max() > 1e-4  # the run did change the UNet
@@ -629,8 +645,9 @@ def test_export_loads_in_diffusers_pipelines_with_the_runs_unet(sd_dir, tmp_path
 
 def test_export_refuses_an_existing_out_and_other_flags(tmp_path, main_error):
     ddpo.main(train_argv("tiny", tmp_path, "run"))
-    ddpo.main(["--export", str(tmp_path / "run"), str(tmp_path / "out")])
-    assert main_error("--export", str(tmp_path / "run"), str(tmp_path / "out")) == f"error: {tmp_path / 'out'} exists; --export writes a new folder"
-    assert main_error("--export", str(tmp_path / "run"), str(tmp_path / "o2"), "--device", "cpu") == (
-        "error: --export takes no other flags (given: --device) (see --help)")
+    export.main([str(tmp_path / "run"), str(tmp_path / "out")])
+    assert main_error(str(tmp_path / "run"), str(tmp_path / "out"), entry=export.main) == \
+        f"error: {tmp_path / 'out'} exists; export.py writes a new folder"
+    assert main_error(str(tmp_path / "run"), str(tmp_path / "o2"), "--device", "cpu", entry=export.main) == (
+        "error: unrecognized arguments: --device cpu (see --help)")
     assert not (tmp_path / "o2").exists()

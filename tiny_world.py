@@ -23,7 +23,6 @@ To rebuild it (the same seed on the same machine and thread count gives the same
     python tiny_world.py --ddpm-loss                  # the DDPM loss on the model's own samples and on the world's
 """
 import argparse
-import json
 import zlib
 from pathlib import Path
 
@@ -32,7 +31,9 @@ import torch
 from tqdm import tqdm
 
 import ddpo
-import runfiles
+import files
+import model_checks
+import rewards
 
 SIZE, TILE = 32, 4  # pixels; the tiles are the VAE's 4x downsampling, so a tile is one latent position
 STRENGTH_MEDIAN, STRENGTH_SPREAD = 0.2, 0.6  # the world's tile strength: s = 0.2 · exp(0.6 · N(0, 1))
@@ -93,8 +94,8 @@ def draw_batch(prompts, rng, strength=None):
 def all_prompts():
     """Every prompt the project ships (the held-out sets too: pretraining is the 'internet-scale' stage;
     generalisation is about the RL fine-tuning, which never sees them)."""
-    names = [p.stem for p in sorted(runfiles.PROMPTS.glob("*.txt"))] + sorted(runfiles.PROMPT_SETS)
-    return sorted({p for name in names for p in runfiles.load_prompts(name)})
+    names = [p.stem for p in sorted(rewards.PROMPTS.glob("*.txt"))] + sorted(rewards.PROMPT_SETS)
+    return sorted({p for name in names for p in rewards.load_prompts(name)})
 
 
 def build_tokenizer(prompts, max_length=16):
@@ -162,7 +163,7 @@ def save_pipeline(models, folder):
     and renamed into place whole."""
     from diffusers import StableDiffusionPipeline
 
-    with runfiles.atomic_folder(folder) as tmp:
+    with files.atomic_folder(folder) as tmp:
         StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                                 unet=models.unet, scheduler=models.scheduler, safety_checker=None,
                                 feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp)
@@ -267,7 +268,7 @@ def pretrain_unet(models, steps, rng, generator, batch_size=64, lr=1e-3, p_uncon
 
 def build(seed, out, vae_steps=1500, unet_steps=4000):
     """Both stages from one seed, then tiny_model/ as a StableDiffusionPipeline folder."""
-    runfiles.quiet_libraries()
+    model_checks.quiet_libraries()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -289,8 +290,6 @@ def jpeg_sizes(models, x, sigma, generator):
     scaled), given the last DDIM step's noise N(0, sigma²) in that latent space (the sampler's last action adds
     it), and decoded by ddpo.decode to [0, 1]. Returns (the images as drawn, the VAE's reconstruction without the
     noise, with it)."""
-    import rewards
-
     with torch.no_grad():
         z = models.vae.encode(x).latent_dist.mode() * models.vae.config.scaling_factor
     noisy = z + sigma * torch.randn(z.shape, generator=generator)
@@ -300,9 +299,7 @@ def jpeg_sizes(models, x, sigma, generator):
 
 def training_prompts(n, seed):
     """n prompts drawn from the JPEG rewards' training set: what --reward-range and --ddpm-loss measure on."""
-    import rewards
-
-    training = runfiles.load_prompts(rewards.DEFAULT_PROMPTS["jpeg"])
+    training = rewards.load_prompts(rewards.DEFAULT_PROMPTS["jpeg"])
     return [training[i] for i in np.random.default_rng(seed).integers(len(training), size=n)]
 
 
@@ -316,9 +313,7 @@ def reward_range(n=64, seed=0, model="tiny"):
     """The two JPEG rewards' reference points, with the training prompts (the jpeg rewards' default set): the world
     as drawn, the same pictures with flat backgrounds (the flattest end: shapes kept) and with the busiest tiles
     (s = 1, the busiest end), each through the VAE and the last DDIM step's noise (η = 1, the default T)."""
-    import rewards
-
-    runfiles.quiet_libraries()
+    model_checks.quiet_libraries()
     models = ddpo.load_models(model, "cpu")
     args = ddpo.parse_args(["--reward", "jpeg"])
     models.scheduler.set_timesteps(args.num_steps)
@@ -344,9 +339,7 @@ def ddpm_loss_gap(n=64, seed=0, model="tiny", draws=8):
     the standard deviation of their (scaled) latents.
     RWR at a small β is nearly the plain DDPM loss on the model's own samples, so it pulls the model towards what
     its sampler draws, whichever way the reward points."""
-    import rewards
-
-    runfiles.quiet_libraries()
+    model_checks.quiet_libraries()
     models = ddpo.load_models(model, "cpu")
     args = ddpo.parse_args(["--reward", "jpeg"])
     prompts = training_prompts(n, seed)

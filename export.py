@@ -1,0 +1,56 @@
+"""A run's fine-tuned model in diffusers' own formats, written by diffusers itself, for any diffusers user.
+
+    python export.py runs/NAME OUT
+
+LoRA: the adapter as OUT/pytorch_lora_weights.safetensors with peft's metadata
+(StableDiffusionPipeline.save_lora_weights), which pipe.load_lora_weights(OUT) loads into the run's base pipeline.
+Full fine-tuning: a whole StableDiffusionPipeline folder with the fine-tuned UNet (save_pretrained), which
+DiffusionPipeline.from_pretrained(OUT) loads, and so does python ddpo.py --model OUT.
+"""
+import os
+from pathlib import Path
+
+import ddpo
+from checkpoints import latest_checkpoint
+from command_line import ArgumentParser, HelpFormatter
+from files import atomic_folder, fail, why
+
+
+def export(run_dir, out):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    run = ddpo.load_run_args(run_dir)
+    if Path(out).exists():
+        fail(f"{out} exists; export.py writes a new folder")
+    models = ddpo.load_models(run_dir, "cpu")  # the base model with the run's last checkpoint, fp32
+    with atomic_folder(out) as tmp:
+        if run.lora_rank > 0:
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))  # diffusers' key names
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers,
+                                                      unet_lora_adapter_metadata=models.unet.peft_config["default"].to_dict())
+        else:
+            StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                                    unet=models.unet, scheduler=models.scheduler, safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp)
+    print(f"wrote {out} ({'LoRA adapter' if run.lora_rank else 'pipeline folder'}, from {latest_checkpoint(run_dir)})")
+    return Path(out)
+
+
+def main(argv=None):
+    """The command line; also callable as export.main([...]) from Python."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("run", help="a run folder, e.g. runs/jpeg__is__0__1764000000")
+    p.add_argument("out", help="the new folder to write")
+    args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail("export.py runs in one process: python export.py, not torchrun")
+    try:
+        return export(args.run, args.out)
+    except OSError as e:  # OUT cannot be written (read-only, a full disk): nothing half-written is left
+        fail(f"cannot write {args.out} ({why(e)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Whether a diffusers pipeline can serve as DDPO's policy, each problem as one line: a scheduler whose DDIM step
+has no density or steps between other timesteps, components that do not fit together, weights that do not load.
+"""
+from pathlib import Path
+
+import torch
+
+from files import first_line
+
+
+def check_scheduler(scheduler, num_steps):
+    """Why ddim_step cannot serve this scheduler as a policy with a density equal to DDIMScheduler.step, or None:
+    σ_t = 0 at the last step, thresholding (dynamic x̂_0 clipping for pixel-space models: not implemented
+    here), or a timestep spacing whose next timestep is not the one DDIMScheduler.step steps to (t − 1000 // T)."""
+    config = scheduler.config
+    if config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        return f"prediction_type {config.prediction_type!r} is not one of epsilon, v_prediction, sample"
+    if config.set_alpha_to_one:
+        return ("set_alpha_to_one=True makes the last DDIM step deterministic (σ_t = 0, no density); set it to false "
+                "in scheduler/scheduler_config.json, as Stable Diffusion does")
+    if config.thresholding:
+        return "thresholding=True is not supported (set it to false in scheduler/scheduler_config.json)"
+    try:
+        scheduler.set_timesteps(num_steps)
+    except ValueError as e:  # e.g. more steps than the model's training timesteps
+        return f"scheduler refuses {num_steps} steps ({first_line(e)})"
+    t = scheduler.timesteps
+    step = config.num_train_timesteps // num_steps  # DDIMScheduler.step goes from t to t − 1000 // T
+    if not torch.equal(t[:-1] - step, t[1:]) or t[-1] - step >= 0:
+        return (f"timestep_spacing={config.timestep_spacing!r} with {num_steps} steps gives timesteps that "
+                f"DDIMScheduler.step does not step between; use 'leading' or 'trailing' with a T that divides "
+                f"{config.num_train_timesteps}")
+    return None
+
+
+def mismatched_components(models):
+    """Why a pipeline's components cannot work together, or None: the UNet must take the VAE's latents (channels,
+    and the VAE's image size divided by its downsampling), the text encoder's states must be the size its
+    cross-attention takes, and every token id must be one the text encoder has."""
+    unet, vae, text = models.unet.config, models.vae.config, models.text_encoder.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)  # each VAE level but the last halves the image
+    if vae.latent_channels != unet.in_channels:
+        return f"its VAE has {vae.latent_channels} latent channels and its UNet takes {unet.in_channels} input channels"
+    if unet.sample_size * factor != vae.sample_size:
+        return (f"its UNet's sample size {unet.sample_size} is not its VAE's image size {vae.sample_size} divided by "
+                f"the VAE's downsampling {factor} ({vae.sample_size / factor:g})")
+    if text.hidden_size != unet.cross_attention_dim:
+        return (f"its text encoder's hidden size {text.hidden_size} is not its UNet's cross-attention size "
+                f"{unet.cross_attention_dim}")
+    if len(models.tokenizer) > text.vocab_size:
+        return f"its tokenizer has {len(models.tokenizer)} tokens and its text encoder only {text.vocab_size}"
+    return None
+
+
+def model_load_error(name, error):
+    """One line on why --model could not be loaded: a local folder that is no pipeline, an unreachable hub, or else."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    chain = [error]  # the hub's own exception, and the network error under it, sit in the __cause__ chain
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if Path(name).exists():
+        weights = sorted(Path(name).glob("*/*.safetensors")) + sorted(Path(name).glob("*/*.bin"))
+        damaged = [path for path in weights if not readable_weights(path)]
+        if damaged:
+            return f"cannot load model folder {name}: weights file {damaged[0]} is damaged"
+        return f"cannot load model folder {name} ({first_line(error)}): it needs a diffusers pipeline layout"
+    if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
+        return (f"cannot load model {name!r}: no such local folder, and the hub is unreachable ({first_line(chain[-1])}) "
+                f"with no cached copy; --model tiny or a local folder works offline")
+    return (f"cannot load model {name!r} ({first_line(error)}); if it is a hub id, the hub may be unreachable: "
+            f"--model tiny or a local folder works offline")
+
+
+def readable_weights(path):
+    """Whether a weights file reads whole: safetensors (every tensor's bytes, so a truncated file shows) or a
+    PyTorch .bin (a zip or pickle, loaded as tensors only)."""
+    from safetensors import safe_open
+
+    try:
+        if path.suffix == ".bin":
+            torch.load(path, map_location="cpu", weights_only=True)
+            return True
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        return True
+    except Exception:
+        return False
+
+
+def quiet_libraries():
+    """Our own progress bars and error lines are the ones that matter; silence the libraries' loading chatter."""
+    import warnings
+
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retry messages while the hub is unreachable
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)  # diffusers → hub
+
