@@ -720,7 +720,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training: sample → reward → advantages → estimator, every epoch (paper §4, Algorithm of §4.4)
+# Training: sample → reward → advantages → estimator, every epoch (paper §4.3–4.4)
 # ----------------------------------------------------------------------------------------------------------
 
 def train(args, reward_fn=None):
@@ -785,7 +785,7 @@ def train(args, reward_fn=None):
             run.lap("reward")
             losses = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
             run.lap("train")
-            run.log(epoch, r, {**extra, **{f"losses/{k}": v for k, v in losses.items()}}, evaluate)
+            run.log(epoch, r, {**extra, **{f"losses/{name}": v for name, v in losses.items()}}, evaluate)  # + eval
             run.checkpoint(epoch, state)  # every --save-every epochs, after the last, and when stopped
     return run.history
 
