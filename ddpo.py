@@ -12,7 +12,7 @@ This file reads top to bottom like the paper:
 What serves a run around the algorithm (run files, checkpoints, several processes, Ctrl-C, pictures) lives in
 side modules named for what they hold; none of them imports this file.
 
-    python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~9 minutes
+    python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~10 minutes
     python ddpo.py @configs/sd14_compressibility.txt    # the paper's setup, on a GPU
     python evaluate.py runs/NAME                         # base | fine-tuned, same seeds
     python -m pytest -q -n 2 --dist loadgroup            # the tests pin every formula with numbers
@@ -179,6 +179,32 @@ def ddim_step(scheduler, model_output, x_t, t, eta):
     mean = alpha_bar_prev.sqrt() * x0_hat + (1 - alpha_bar_prev - sigma_t**2).sqrt() * eps
     # exercise 1: end
     return mean, sigma_t
+
+
+def flow_sde_step(scheduler, velocity, x_t, t, noise_level):
+    """Mean μ and standard deviation of Flow-GRPO's policy (Liu et al. 2025): one Euler–Maruyama step, from t to the
+    scheduler's next sigma t + Δt (Δt < 0), of the SDE whose marginals are the flow's at every noise level a.
+
+    Rectified flow as SD3 writes it: x_t = (1 − t) x_0 + t ε, and the model predicts the velocity v_θ ≈ ε − x_0. Here
+    t is FlowMatchEulerDiscreteScheduler's sigma (its shift included) and `t` the argument its timesteps (1000·sigma),
+    one per sample. At a = 0 the mean is the scheduler's own Euler step x_t + Δt·v_θ (tested). At t = 1, t/(1 − t) is
+    infinite: as Flow-GRPO does, 1 − t is then taken at the next sigma. The last step, to t = 0, is the same SDE
+    step, as in Flow-GRPO: its σ_t is taken at its own t > 0, so it has a density too.
+    """
+    x_t, v = x_t.float(), velocity.float()
+    sigmas = scheduler.sigmas.to(x_t.device, torch.float32)
+    match = scheduler.timesteps.to(x_t.device)[None] == t.to(x_t.device)[:, None]
+    if not match.any(1).all():
+        raise ValueError("a timestep that is not one of the scheduler's")
+    j = match.int().argmax(1)  # each sample's step index
+    view = (-1,) + (1,) * (x_t.ndim - 1)
+    s, s_next = sigmas[j].view(view), sigmas[j + 1].view(view)  # t and t + Δt
+    dt = s_next - s
+    # σ_t = a √(t / (1 − t)), the noise level that keeps the flow's marginals
+    sigma_t = noise_level * (s / (1 - torch.where(s == 1, sigmas[1], s))).sqrt()
+    # the SDE's drift, v_θ + σ_t²/(2t) (x_t + (1 − t) v_θ), for one step Δt; its noise has variance σ_t² |Δt|
+    mean = x_t + (v + sigma_t**2 / (2 * s) * (x_t + (1 - s) * v)) * dt
+    return mean, sigma_t * dt.abs().sqrt()
 
 
 def gaussian_log_prob(x_prev, mean, sigma_t):

@@ -391,6 +391,24 @@ MUTANTS = [
     ("--help after a config file shows the built-in defaults", "ddpo.py",
      '    p.set_defaults(**vars(p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]))',
      "    pass", [D + "test_help_after_a_config_file_shows_the_files_values"]),
+    # Flow-GRPO's policy: the flow's SDE step
+    ("flow SDE without its drift correction", "ddpo.py", "mean = x_t + (v + sigma_t**2 / (2 * s) * (x_t + (1 - s) * v)) * dt",
+     "mean = x_t + v * dt", [D + "test_flow_sde_keeps_the_flows_marginals_on_gaussian_data[3.0]"]),
+    ("flow SDE std with sqrt(dt), not sqrt(|dt|)", "ddpo.py", "return mean, sigma_t * dt.abs().sqrt()",
+     "return mean, sigma_t * dt.sqrt()", [D + "test_flow_sde_step_std_and_log_prob_in_closed_form"]),
+    ("flow SDE mean taken at the next t", "ddpo.py", "mean = x_t + (v + sigma_t**2 / (2 * s) * (x_t + (1 - s) * v)) * dt",
+     "mean = x_t + (v + sigma_t**2 / (2 * s_next) * (x_t + (1 - s_next) * v)) * dt",
+     [D + "test_flow_sde_keeps_the_flows_marginals_on_gaussian_data[3.0]"]),
+    ("flow SDE with the convention reversed: x_t = t x_0 + (1 - t) eps", "ddpo.py",
+     "(s / (1 - torch.where(s == 1, sigmas[1], s))).sqrt()", "((1 - s) / torch.where(s == 1, sigmas[1], s)).sqrt()",
+     [D + "test_flow_sde_step_std_and_log_prob_in_closed_form"]),
+    ("flow SDE's mean in the reversed convention", "ddpo.py", "(x_t + (1 - s) * v)", "(x_t + s * v)",
+     [D + "test_flow_sde_keeps_the_flows_marginals_on_gaussian_data[3.0]"]),
+    ("flow SDE at t = 1 with 1 - t itself (an infinite sigma_t)", "ddpo.py", "torch.where(s == 1, sigmas[1], s)", "s",
+     [D + "test_flow_sde_step_std_and_log_prob_in_closed_form"]),
+    ("flow SDE's Euler step to the sigma after next", "ddpo.py", "s, s_next = sigmas[j].view(view), sigmas[j + 1].view(view)",
+     "s, s_next = sigmas[j].view(view), sigmas[(j + 2).clamp(max=len(sigmas) - 1)].view(view)",
+     [D + "test_flow_sde_step_at_noise_level_zero_is_the_schedulers_euler_step[1.0]"]),
 ]
 
 

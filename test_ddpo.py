@@ -127,6 +127,81 @@ def test_log_prob_equals_torch_normal():
     torch.testing.assert_close(ddpo.gaussian_log_prob(x, mean, sigma), expected)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Flow-GRPO's policy: the flow's SDE step, against diffusers' Euler step, closed forms and known marginals
+# --------------------------------------------------------------------------------------------------------
+
+def flow_scheduler(steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)  # SD3's: 1000 training timesteps, shift 3
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sde_step_at_noise_level_zero_is_the_schedulers_euler_step(shift):
+    g = torch.Generator().manual_seed(0)
+    for j in (0, 1, 4, 9):  # the first step (t = 1), two inside, the last (to t = 0)
+        scheduler = flow_scheduler(10, shift)  # a fresh step index: step() finds it from the timestep
+        x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        t = scheduler.timesteps[j]
+        expected = scheduler.step(v, t, x).prev_sample
+        mean, std = ddpo.flow_sde_step(scheduler, v, x, t.expand(2), 0.0)
+        torch.testing.assert_close(mean, expected, rtol=1e-6, atol=1e-6)
+        assert (std == 0).all()
+
+
+def test_flow_sde_step_std_and_log_prob_in_closed_form():
+    """std = a √(t / (1 − t)) √|Δt| at the scheduler's sigmas, written out here; at t = 1 with 1 − t at the next
+    sigma. The log-prob of a step is torch.distributions.Normal's, averaged over dimensions."""
+    scheduler, a = flow_scheduler(10, 3.0), 0.7
+    s = scheduler.sigmas.double().tolist()
+    assert s[0] == 1.0 and s[-1] == 0.0
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    j = torch.tensor([0, 5, 9])
+    mean, std = ddpo.flow_sde_step(scheduler, v, x, scheduler.timesteps[j], a)
+    by_hand = [a * math.sqrt(1 / (1 - s[1])) * math.sqrt(1 - s[1]), a * math.sqrt(s[5] / (1 - s[5]) * (s[5] - s[6])),
+               a * math.sqrt(s[9] / (1 - s[9]) * s[9])]
+    torch.testing.assert_close(std.flatten(), torch.tensor(by_hand, dtype=torch.float32))
+    x_prev = mean + std * torch.randn(mean.shape, generator=g)
+    expected = torch.distributions.Normal(mean, std).log_prob(x_prev).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ddpo.gaussian_log_prob(x_prev, mean, std), expected)
+    with pytest.raises(ValueError, match="not one of the scheduler's"):
+        ddpo.flow_sde_step(scheduler, v, x, torch.tensor([999.5, 500.0, 1.0]), a)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sde_keeps_the_flows_marginals_on_gaussian_data(shift):
+    """Data x_0 ~ N(m, s²): x_t = (1 − t) x_0 + t ε is N((1 − t) m, (1 − t)² s² + t²), and the exact velocity
+    E[ε − x_0 | x_t] is linear in x_t. Sampled from x_1 ~ N(0, 1) with that velocity, the SDE's x_t must have the
+    flow's mean and variance at every t, up to Euler–Maruyama's error (largest next to t = 1, where σ_t is
+    largest); with its drift correction σ_t²/(2t)(x_t + (1 − t)v) dropped, the variance it ends with is far off."""
+    m, s, a, n, steps = 0.5, 0.6, 0.7, 50_000, 100
+    scheduler = flow_scheduler(steps, shift)
+    sigmas = scheduler.sigmas.double()
+
+    def velocity(x, t):
+        var = (1 - t) ** 2 * s**2 + t**2
+        return (t - (1 - t) * s**2) / var * (x - (1 - t) * m) - m
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, generator=g)
+    plain = x.clone()  # the same SDE noise, no drift correction
+    for j, t in enumerate(scheduler.timesteps):
+        t_now, t_next = sigmas[j].item(), sigmas[j + 1].item()
+        mean, std = ddpo.flow_sde_step(scheduler, velocity(x, t_now), x, t.expand(n), a)
+        z = torch.randn(n, 1, generator=g)
+        x = mean + std * z
+        plain = plain + velocity(plain, t_now) * (t_next - t_now) + std * z
+        flow_mean, flow_var = (1 - t_next) * m, (1 - t_next) ** 2 * s**2 + t_next**2
+        assert abs(x.mean().item() - flow_mean) < 0.02, (t_next, x.mean().item(), flow_mean)
+        assert abs(x.var().item() / flow_var - 1) < (0.15 if t_next > 0.8 else 0.07), (t_next, x.var().item(), flow_var)
+    assert abs(x.var().item() / s**2 - 1) < 0.03  # t = 0: the data's own variance
+    assert plain.var().item() / s**2 - 1 > 1.0
+
+
 def test_log_prob_gradient_flows_only_through_the_mean():
     x = torch.randn(2, 3, requires_grad=True)
     mean = torch.zeros(2, 3, requires_grad=True)
