@@ -200,11 +200,13 @@ def flow_sde_step(scheduler, velocity, x_t, t, noise_level):
     view = (-1,) + (1,) * (x_t.ndim - 1)
     s, s_next = sigmas[j].view(view), sigmas[j + 1].view(view)  # t and t + Δt
     dt = s_next - s
+    # exercise 8: begin
     # σ_t = a √(t / (1 − t)), the noise level that keeps the flow's marginals
     sigma_t = noise_level * (s / (1 - torch.where(s == 1, sigmas[1], s))).sqrt()
     # the SDE's drift, v_θ + σ_t²/(2t) (x_t + (1 − t) v_θ), for one step Δt; its noise has variance σ_t² |Δt|
     mean = x_t + (v + sigma_t**2 / (2 * s) * (x_t + (1 - s) * v)) * dt
     return mean, sigma_t * dt.abs().sqrt()
+    # exercise 8: end
 
 
 def gaussian_log_prob(x_prev, mean, sigma_t):

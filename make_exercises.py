@@ -29,6 +29,7 @@ EXERCISES = {  # N: what to write, where to read
     5: "DDPO_IS with PPO's clipped ratio, approx_kl and clipfrac, paper §4.4",
     6: "RWR's exponential and sparse weights, paper §4.2",
     7: "DPOK's KL between two Gaussians with the same σ_t, Fan et al. 2023 §4",
+    8: "Flow-GRPO's SDE step on a flow model: σ_t, the step's mean and its std, Liu et al. 2025",
 }
 SHIPPED = ["ddpo.py", "rewards.py", "checkpoints.py", "command_line.py", "files.py", "model_checks.py", "pictures.py",
            "processes.py", "training_run.py", "evaluate.py", "export.py", "tiny_world.py", "compare.py", "bench.py",

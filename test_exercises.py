@@ -291,3 +291,60 @@ def test_exercise_7_gradient_flows_into_the_fine_tuned_mean_only():
     ddpo.gaussian_kl(mean, mean_pre, torch.tensor(0.5)).sum().backward()
     assert mean_pre.grad is None or not mean_pre.grad.any(), "π_pre is fixed: no gradient may flow into μ_pre"
     assert mean.grad is not None and mean.grad.any(), "the KL must pull μ_θ: its gradient with respect to μ_θ is missing"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exercise 8: Flow-GRPO's SDE step on a flow model (Liu et al. 2025)
+# --------------------------------------------------------------------------------------------------------
+
+def flow_scheduler(steps=10, shift=3.0):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(shift=shift)  # SD3's
+    s.set_timesteps(steps)
+    return s
+
+
+def test_exercise_8_noise_level_zero_gives_the_schedulers_euler_step():
+    g = torch.Generator().manual_seed(0)
+    for j in (0, 4, 9):  # the first step (t = 1), an inner one, the last (to t = 0)
+        sched = flow_scheduler()
+        x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        t = sched.timesteps[j]
+        expected = sched.step(v, t, x).prev_sample
+        mean, std = ddpo.flow_sde_step(sched, v, x, t.expand(2), 0.0)
+        assert close(mean, expected, 1e-5), (f"at a = 0 (σ_t = 0) the step must be FlowMatchEulerDiscreteScheduler's "
+                                              f"x_t + Δt·v at step {j}; yours differs by {(mean - expected).abs().max():.3g}")
+        assert close(std, 0.0), "at a = 0 there is no noise: std 0"
+
+
+def test_exercise_8_std_is_sigma_t_times_the_square_root_of_the_step():
+    sched, a = flow_scheduler(), 0.7
+    s = sched.sigmas.double().tolist()
+    x = v = torch.zeros(3, 1, 2, 2)
+    _, std = ddpo.flow_sde_step(sched, v, x, sched.timesteps[[0, 5, 9]], a)
+    std = torch.as_tensor(std).flatten()
+    # worked out by hand from the scheduler's sigmas s: a √(t/(1 − t)) √(t − (t + Δt)); at t = 1, 1 − t at s[1]
+    expected = [a * math.sqrt(1 / (1 - s[1]) * (1 - s[1])), a * math.sqrt(s[5] / (1 - s[5]) * (s[5] - s[6])),
+                a * math.sqrt(s[9] / (1 - s[9]) * s[9])]
+    assert torch.isfinite(std).all(), (f"std {std.tolist()}: Δt < 0, so take √|Δt|; at t = 1 take 1 − t at the next "
+                                       f"sigma")
+    hint = " That is σ_t without √|Δt|." if close(std[1], expected[1] / math.sqrt(s[5] - s[6]), 1e-4) else ""
+    assert close(std, expected, 1e-5), f"std = σ_t √|Δt| = {expected}, not {std.tolist()}.{hint}"
+
+
+def test_exercise_8_the_sde_keeps_the_flows_marginals_on_gaussian_data():
+    """x_0 ~ N(0.5, 0.6²), whose velocity E[ε − x_0 | x_t] is known in closed form: from x_1 ~ N(0, 1), 100 SDE steps
+    must end with the data's mean and variance (up to Euler–Maruyama's error)."""
+    m, s, n = 0.5, 0.6, 20_000
+    sched = flow_scheduler(100, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, generator=g)
+    for j, t in enumerate(sched.timesteps):
+        tf = sched.sigmas[j].item()
+        v = (tf - (1 - tf) * s**2) / ((1 - tf) ** 2 * s**2 + tf**2) * (x - (1 - tf) * m) - m
+        mean, std = ddpo.flow_sde_step(sched, v, x, t.expand(n), 0.7)
+        x = mean + std * torch.randn(n, 1, generator=g)
+    assert abs(x.mean().item() - m) < 0.02 and abs(x.var().item() / s**2 - 1) < 0.05, (
+        f"the samples end with mean {x.mean().item():.3f} and variance {x.var().item():.3f}, the data has {m} and "
+        f"{s**2:.2f}: the drift needs the correction σ_t²/(2t)·(x_t + (1 − t)·v) that keeps the flow's marginals")
