@@ -3,6 +3,7 @@
     python bench.py --rounds                # ddpo.py's default rounds: the built-in model against the pixel-space one
     python bench.py                         # the tiny model and a tiny SD-style pipeline, on this machine
     python bench.py --models sd14 --device cuda --mixed-precision fp16 --lora-rank 4 --batch-size 1
+    python bench.py --models sd35m --device cuda --mixed-precision bf16 --lora-rank 32 --batch-size 1 --num-steps 10
     python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
     python bench.py --processes 1,2                 # whole epochs of ddpo.py by 1 and 2 processes (torchrun)
 
@@ -15,7 +16,8 @@ For each model: seconds per round split into sampling / reward / training, sampl
 and the time of ddpo.rollout (DDIM step + exact log-prob, trajectory stored) relative to a plain diffusers
 DDIM sampling loop on the same model and steps (target: ≤ 1.05x). 'sd14' builds Stable Diffusion v1.4's exact
 UNet / VAE / text-encoder configuration with random weights: speed and memory do not depend on the weights'
-values, and no hub download is needed.
+values, and no hub download is needed. 'sd35m' does the same for Stable Diffusion 3.5 Medium's transformer, VAE and
+CLIP text encoders (without T5); its rollout is the flow SDE step against FlowMatchEulerDiscreteScheduler.step.
 
 --processes N,M,…: samples per second of whole training epochs of `python ddpo.py` with its defaults on the tiny
 model, run by one plain process and by torchrun with N processes. On CPU the cores are shared: each of N processes
@@ -42,18 +44,19 @@ import tiny_world
 
 @torch.no_grad()
 def plain_diffusers_loop(models, prompts, args, generator):
-    """What a plain sampler does: guided ε, then DDIMScheduler.step; no log-probs, no stored trajectory."""
+    """What a plain sampler does: the guided prediction, then the scheduler's own step (DDIMScheduler.step with η, or
+    FlowMatchEulerDiscreteScheduler.step, the flow's ODE); no log-probs, no stored trajectory."""
     sched = models.scheduler
     sched.set_timesteps(args.num_steps)
     cond = ddpo.encode_prompts(models, prompts)
-    uncond = ddpo.encode_prompts(models, [""]).expand_as(cond)
-    size, ch = models.unet.config.sample_size, models.unet.config.in_channels
+    both = {k: torch.cat([ddpo.repeat(ddpo.encode_prompts(models, [""]), len(prompts))[k], v]) for k, v in cond.items()}
+    size, ch = models.denoiser.config.sample_size, models.denoiser.config.in_channels
     x = torch.randn((len(prompts), ch, size, size), generator=generator).to(models.device)
     for t in sched.timesteps:
-        with models.autocast():
-            eps_u, eps_c = models.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-        eps = eps_u.float() + args.guidance_scale * (eps_c.float() - eps_u.float())
-        x = sched.step(eps, t, x, eta=args.eta, variance_noise=torch.randn(x.shape, generator=generator).to(x.device)).prev_sample
+        eps_u, eps_c = ddpo.denoise(models, torch.cat([x, x]), t.expand(2 * len(x)).to(x.device), both).float().chunk(2)
+        eps = eps_u + args.guidance_scale * (eps_c - eps_u)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        x = (sched.step(eps, t, x) if models.flow else sched.step(eps, t, x, eta=args.eta, variance_noise=noise)).prev_sample
     return x
 
 
@@ -104,8 +107,8 @@ def bench(name, path, opts):
     models = ddpo.load_models(path, args.device, args.lora_rank, args.mixed_precision)
     reward_fn = ddpo.load_reward(args)
     prompts = random.Random(0).choices(ddpo.load_prompts(args.prompts), k=opts.batch_size)
-    optimizer = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad], lr=1e-6)
-    uncond = ddpo.encode_prompts(models, [""]).expand(opts.batch_size, -1, -1)
+    optimizer = torch.optim.AdamW([p for p in models.denoiser.parameters() if p.requires_grad], lr=1e-6)
+    uncond = ddpo.repeat(ddpo.encode_prompts(models, [""]), opts.batch_size)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
 
     loaded = peak_gib(cuda)  # loading: on CPU also the fp32 weights read before the cast to --mixed-precision
@@ -133,6 +136,9 @@ def bench(name, path, opts):
           f"{opts.batch_size / round_s:.2f} samples/s | peak {peak} | rollout / plain diffusers loop {ours / plain:.3f}x")
 
 
+RANDOM_MODELS = {"tiny-sd": tiny_world.save_sd_style_pipeline, "sd14": lambda path: tiny_world.save_sd_style_pipeline(path, True),
+                 "tiny-sd3": tiny_world.save_sd3_style_pipeline,
+                 "sd35m": lambda path: tiny_world.save_sd3_style_pipeline(path, True)}
 OLD_COMMIT = "708a1a3"  # the last commit whose tiny_model/ was the 32x32 pixel-space model (ddpo.py's defaults of then)
 
 
@@ -198,8 +204,9 @@ def bench_processes(counts, opts):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="tiny,tiny-sd",
-                   help="comma-separated: tiny, tiny-sd, sd14, or a diffusers folder (e.g. one sd14 was saved to)")
+    p.add_argument("--models", default="tiny,tiny-sd,tiny-flow,tiny-sd3",
+                   help="comma-separated: tiny, tiny-flow, tiny-sd, sd14, tiny-sd3, sd35m, or a diffusers folder (e.g. one "
+                        "sd14 was saved to)")
     p.add_argument("--save-to", help="build tiny-sd / sd14 in this folder and keep it (to measure it in a fresh process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
@@ -224,8 +231,8 @@ def main():
     if opts.processes:
         return bench_processes([int(n) for n in opts.processes.split(",")], opts)
     for name in opts.models.split(","):
-        if name in ("tiny-sd", "sd14"):  # random weights with the real shapes: built here, so this process's peak includes the build
-            path = tiny_world.save_sd_style_pipeline(Path(opts.save_to or tempfile.mkdtemp()) / name, name == "sd14")
+        if name in RANDOM_MODELS:  # random weights with the real shapes: built here, so this process's peak includes the build
+            path = RANDOM_MODELS[name](Path(opts.save_to or tempfile.mkdtemp()) / name)
             if opts.save_to:
                 print(f"saved {path}; measure it with: python bench.py --models {path} ...")
                 continue

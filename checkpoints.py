@@ -36,7 +36,7 @@ def latest_checkpoint(run_dir):
 
 def trainable_state(models):
     """The weights that training changes: the whole UNet, or only its LoRA adapter."""
-    return {n: p.detach().cpu().contiguous() for n, p in models.unet.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous() for n, p in models.denoiser.named_parameters() if p.requires_grad}
 
 
 def load_trainable(models, path):
@@ -46,7 +46,7 @@ def load_trainable(models, path):
     expected = trainable_state(models).keys()
     if state.keys() != expected:
         raise ValueError(f"{path} holds {len(state)} tensors, the model trains {len(expected)} (another model or LoRA rank?)")
-    models.unet.load_state_dict(state, strict=False)
+    models.denoiser.load_state_dict(state, strict=False)
 
 
 def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler=None, value=None):

@@ -30,13 +30,13 @@ def range_problem(args):
     positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
                 "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every",
                 "value_steps")
-    finite = ("eta", "guidance_scale", "adv_clip", "lr", "max_grad_norm", "timestep_fraction", "clip_range",
+    finite = ("eta", "noise_level", "guidance_scale", "adv_clip", "lr", "max_grad_norm", "timestep_fraction", "clip_range",
               "rwr_beta", "rwr_threshold", "kl_coef", "value_lr", "collective_timeout")
     checks = {**{name: (getattr(args, name) > 0, "> 0") for name in positive},
               "lr": (args.lr >= 0, "≥ 0"), "rwr_beta": (args.rwr_beta >= 0, "≥ 0"), "kl_coef": (args.kl_coef >= 0, "≥ 0"),
               "value_lr": (args.value_lr >= 0, "≥ 0"), "seed": (args.seed >= 0, "≥ 0"),
               "collective_timeout": (args.collective_timeout > 0, "> 0"),
-              "eta": (0 < args.eta <= 1, "0 < η ≤ 1"), "timestep_fraction": (0 < args.timestep_fraction <= 1, "in (0, 1]"),
+              "eta": (0 < args.eta <= 1, "0 < η ≤ 1"), "noise_level": (args.noise_level > 0, "> 0"), "timestep_fraction": (0 < args.timestep_fraction <= 1, "in (0, 1]"),
               "lora_rank": (args.lora_rank is None or args.lora_rank >= 0, "≥ 0")}
     checks.update({name: (False, "finite") for name in finite
                    if getattr(args, name) is not None and not math.isfinite(getattr(args, name))})
@@ -64,9 +64,9 @@ def device_problem(device):
     return None
 
 
-def describe(args, n_prompts, plan, world=1):
+def describe(args, n_prompts, plan, world=1, flow=False):
     """The batch arithmetic of ddpo.round_plan's plan (minibatches, inner epochs, timesteps), printed at start-up;
-    world: the number of processes (torchrun)."""
+    world: the number of processes (torchrun); flow: a flow model's (Flow-GRPO's SDE steps), else DDIM's."""
     rwr = args.algo.startswith("rwr")
     n_mb, inner, n_t = plan
     mb = args.samples_per_epoch // n_mb
@@ -81,9 +81,10 @@ def describe(args, n_prompts, plan, world=1):
         f"{name} | model {args.model} | reward {args.reward} | prompts {args.prompts} ({n_prompts}) | {args.device}",
         f"sampling: {args.samples_per_epoch} samples per epoch ({args.samples_per_epoch // args.samples_per_prompt} "
         f"prompts x {args.samples_per_prompt}) = {math.ceil(args.samples_per_epoch / world / batch)} "
-        f"batch(es) of {batch}{' per process' if world > 1 else ''}, {args.num_steps} DDIM steps (η={args.eta}, w={args.guidance_scale})",
+        f"batch(es) of {batch}{' per process' if world > 1 else ''}, {args.num_steps} "
+        + (f"SDE steps (a={args.noise_level}" if flow else f"DDIM steps (η={args.eta}") + f", w={args.guidance_scale})",
         f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
         f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
-        + ("samples, one DDPM-loss pass each" if rwr else f"samples x {n_t} timesteps"),
+        + (f"samples, one {'flow-matching' if flow else 'DDPM'}-loss pass each" if rwr else f"samples x {n_t} timesteps"),
     ] + ([f"DPOK: {', '.join(dpok)}"] if dpok else []) + ([processes] if processes else []))
 

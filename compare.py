@@ -7,6 +7,11 @@ the range between the lowest and highest seed shaded.
 
     python compare.py                                      # incompressibility: 4 estimators x 2 seeds x 20 epochs of 64
     python compare.py --reward jpeg --seeds 0 1 2 --epochs 10 -- --lr 3e-4   # after --: flags for every run
+    python compare.py --vs-flow-grpo --model tiny-flow --reward jpeg        # ddpo.py's defaults against Flow-GRPO's
+
+--vs-flow-grpo compares two settings of DDPO_IS instead of the estimators: ddpo.py's defaults, and Flow-GRPO's
+SD3.5-M settings where a 64-sample round can hold them (FLOW_GRPO below: 10 SDE steps trained on 9, w = 4.5, KL
+β = 0.04, clip range 1e-4; its group of 24 does not divide 64, so groups of 16).
 
 At the end it prints each estimator's final reward (the mean training reward of its last 3 epochs) per seed, the
 range between its seeds, and the gap between the best and the worst estimator: the order says something only
@@ -26,10 +31,15 @@ import checkpoints
 import ddpo
 
 NAMES = {"is": "DDPO_IS", "sf": "DDPO_SF", "rwr": "RWR", "rwr-sparse": "RWR sparse"}
+FLOW_GRPO = ["--num-steps", "10", "--timestep-fraction", "0.99", "--guidance-scale", "4.5", "--noise-level", "0.7",
+             "--kl-coef", "0.04", "--clip-range", "1e-4", "--samples-per-prompt", "16", "--buffer-size", "16",
+             "--min-count", "16"]
+SETTINGS = {"ours": ("ddpo.py's defaults", []), "flow-grpo": ("Flow-GRPO's settings", FLOW_GRPO)}  # --vs-flow-grpo
 
 
 def curves(folder, algos, seeds):
-    """{algo: (samples seen (E,), training reward per seed (S, E), eval reward per seed (S, E+1))}"""
+    """{run: (samples seen (E,), training reward per seed (S, E), eval reward per seed (S, E+1))}; a run is an
+    estimator's name, or a key of SETTINGS."""
     out = {}
     for algo in algos:
         rows = [checkpoints.read_metrics(folder / f"{algo}__{seed}" / "metrics.jsonl") for seed in seeds]
@@ -40,7 +50,7 @@ def curves(folder, algos, seeds):
     return out
 
 
-def plot(data, reward, path):
+def plot(data, reward, path, names, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,10 +58,10 @@ def plot(data, reward, path):
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for algo, (seen, train, _) in data.items():
-        ax.plot(seen, train.mean(0), ".-", label=f"{NAMES[algo]} ({len(train)} seeds)")
+        ax.plot(seen, train.mean(0), ".-", label=f"{names[algo]} ({len(train)} seeds)")
         ax.fill_between(seen, train.min(0), train.max(0), alpha=0.15)
     ax.set(xlabel="samples seen (reward queries)", ylabel=f"{reward} reward of the epoch's samples",
-           title=f"the four estimators on the tiny model: {reward}")
+           title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -67,22 +77,31 @@ def main(argv=None):
     p.add_argument("--algos", nargs="+", default=list(NAMES), choices=list(NAMES), help="the estimators to compare")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per estimator and seed")
     p.add_argument("--epochs", type=int, default=20, help="epochs of each run (20 x 64 = 1,280 samples with the defaults)")
+    p.add_argument("--model", default="tiny", help="the model every run trains (ddpo.py --model)")
+    p.add_argument("--vs-flow-grpo", action="store_true", help="compare ddpo.py's defaults with Flow-GRPO's settings "
+                   "(DDPO_IS both), instead of the estimators")
     p.add_argument("--out-dir", default="runs", help="the comparison's folder is made here")
     opts = p.parse_args(argv[:split])
     extra = argv[split + 1:]
     folder = Path(opts.out_dir) / f"compare__{opts.reward}__{int(time.time())}"
-    for algo in opts.algos:
+    if opts.vs_flow_grpo:
+        runs = {key: (label, ["--algo", "is", *flags]) for key, (label, flags) in SETTINGS.items()}
+    else:
+        runs = {algo: (NAMES[algo], ["--algo", algo]) for algo in opts.algos}
+    names = {key: label for key, (label, _) in runs.items()}
+    for key, (label, flags) in runs.items():
         for seed in opts.seeds:
-            print(f"--- {NAMES[algo]}, seed {seed}", flush=True)
-            ddpo.main(["--reward", opts.reward, "--algo", algo, "--seed", str(seed), "--epochs", str(opts.epochs),
-                       "--out-dir", str(folder), "--run-name", f"{algo}__{seed}", *extra])
-    data = curves(folder, opts.algos, opts.seeds)
-    plot(data, opts.reward, folder / "compare.png")
-    summary = {NAMES[a]: {"samples_seen": seen.tolist(), "train_reward_mean": train.mean(0).tolist(),
+            print(f"--- {label}, seed {seed}", flush=True)
+            ddpo.main(["--model", opts.model, "--reward", opts.reward, *flags, "--seed", str(seed), "--epochs",
+                       str(opts.epochs), "--out-dir", str(folder), "--run-name", f"{key}__{seed}", *extra])
+    data = curves(folder, list(runs), opts.seeds)
+    what = "ddpo.py's defaults and Flow-GRPO's" if opts.vs_flow_grpo else "the four estimators"
+    plot(data, opts.reward, folder / "compare.png", names, f"{what} on {opts.model}: {opts.reward}")
+    summary = {names[a]: {"samples_seen": seen.tolist(), "train_reward_mean": train.mean(0).tolist(),
                           "eval_first": evals[:, 0].mean().item(), "eval_last": evals[:, -1].mean().item(),
                           "train_last_epoch_per_seed": train[:, -1].tolist()}
                for a, (seen, train, evals) in data.items()}
-    final = {NAMES[a]: train[:, -3:].mean(1) for a, (_, train, _) in data.items()}  # (seeds,): last 3 epochs' mean
+    final = {names[a]: train[:, -3:].mean(1) for a, (_, train, _) in data.items()}  # (seeds,): last 3 epochs' mean
     order = sorted(final, key=lambda n: -final[n].mean())
     gap = final[order[0]].mean() - final[order[-1]].mean()
     for n in order:

@@ -7,12 +7,14 @@ The only reward comes at the end, r(x_0, c). So we can sample images, score them
 on the denoiser (DDPO_SF, DDPO_IS). The one-step-MDP baselines (RWR, §4.2) are here too.
 
 This file reads top to bottom like the paper:
-    Args → DDIM step and log-prob (§3.1) → models → MDP rollout (§4.3) → rewards, advantages (§4.4)
-    → the four estimators (§4.2, §4.4) → train() → the command line.
+    Args → the policy step: DDIM's (§3.1), Flow-GRPO's SDE for flow models, and the log-prob → models → MDP
+    rollout (§4.3) → rewards, advantages (§4.4) → the four estimators (§4.2, §4.4) → train() → the command line.
+Flow-GRPO (Liu et al. 2025) is the same MDP on a rectified-flow model (Stable Diffusion 3): only the step differs.
 What serves a run around the algorithm (run files, checkpoints, several processes, Ctrl-C, pictures) lives in
 side modules named for what they hold; none of them imports this file.
 
     python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~10 minutes
+    python ddpo.py --model tiny-flow --reward jpeg      # the same on the tiny flow-matching model (Flow-GRPO)
     python ddpo.py @configs/sd14_compressibility.txt    # the paper's setup, on a GPU
     python evaluate.py runs/NAME                         # base | fine-tuned, same seeds
     python -m pytest -q -n 2 --dist loadgroup            # the tests pin every formula with numbers
@@ -46,7 +48,7 @@ from rewards import compute_rewards, load_prompts
 from training_run import Run
 
 HERE = Path(__file__).resolve().parent
-TINY_MODEL = HERE / "tiny_model"  # the built-in pretrained model (see tiny_world.py for how it was made)
+TINY_MODELS = {"tiny": HERE / "tiny_model", "tiny-flow": HERE / "tiny_flow_model"}  # built-in (tiny_world.py made them)
 ALGOS = ("sf", "is", "rwr", "rwr-sparse")
 
 
@@ -61,11 +63,11 @@ class Args:
                               f"own as module:function or path/to/file.py:function (README: Your own reward)")
     algo: str = arg("is", "estimator: sf = DDPO_SF (REINFORCE), is = DDPO_IS (clipped importance sampling), "
                           "rwr = RWR exponential weights, rwr-sparse = RWR sparse weights (paper §4.2, §4.4)")
-    model: str = arg("tiny", "'tiny' (the built-in Stable Diffusion v1-style model: 32x32 images, 4x8x8 latents), a "
-                             "Stable-Diffusion-style diffusers folder or hub id (e.g. CompVis/stable-diffusion-v1-4), "
-                             "or a run folder (its base model + last checkpoint)")
-    lora_rank: Optional[int] = arg(None, "LoRA rank on the UNet's attention projections; 0 = full fine-tuning. "
-                                         "Default: 0 for the tiny model (it learns faster so), 4 otherwise (the "
+    model: str = arg("tiny", "'tiny' (built in, SD v1-style: 32x32 images, 4x8x8 latents), 'tiny-flow' (built in, SD3-style),"
+                             " a diffusers folder or hub id of a StableDiffusionPipeline (DDIM policy) or a Stable"
+                             "Diffusion3Pipeline (Flow-GRPO's SDE policy), or a run folder (base model + last checkpoint)")
+    lora_rank: Optional[int] = arg(None, "LoRA rank on the denoiser's attention projections; 0 = full fine-tuning. "
+                                         "Default: 0 for the tiny models (they learn faster so), 4 otherwise (the "
                                          "PyTorch port's setting)")
     mixed_precision: str = arg("no", "no | fp16 | bf16: frozen weights and the forward pass in that dtype; trainable "
                                      "weights, latents and every log-prob stay fp32")
@@ -92,6 +94,7 @@ class Args:
     num_steps: int = arg(20, "T, DDIM denoising steps per trajectory (paper: 50)")
     eta: float = arg(1.0, "η, DDIM noise scale, 0 < η ≤ 1: σ_t must be > 0 for the policy to have a density, and "
                           "above 1 the DDIM mean is undefined (paper: 1)")
+    noise_level: float = arg(0.7, "a > 0, flow models' SDE noise: σ_t = a √(t / (1 − t)) (Flow-GRPO: 0.7)")
     guidance_scale: float = arg(5.0, "w, classifier-free guidance in sampling and training (paper: 5)")
     # --- advantages (§4.4)
     advantage: str = arg("per-prompt", "per-prompt: normalise r by each prompt's recent rewards; batch: normalise by "
@@ -137,7 +140,8 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The policy π(x_{t-1} | x_t, c): one DDIM step with η > 0 (paper §3.1; DDIM, Song et al. 2021)
+# The policy π(x_{t-1} | x_t, c): one DDIM step with η > 0 (paper §3.1; DDIM, Song et al. 2021), or for a flow
+# model one step of the SDE with the flow's marginals (Flow-GRPO, Liu et al. 2025)
 # ----------------------------------------------------------------------------------------------------------
 
 def prev_timestep(scheduler, t):
@@ -238,33 +242,42 @@ def gaussian_kl(mean, mean_pre, sigma_t):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Models: the tiny built-in model and Stable Diffusion are the same kind, loaded through the same from_pretrained calls
+# Models: the tiny built-in models are Stable Diffusion (v1, 3), loaded through the same from_pretrained calls
 # ----------------------------------------------------------------------------------------------------------
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as in the PyTorch port
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # a Stable Diffusion v1-style pipeline's
+FLOW_LORA_TARGETS = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # + the text stream's (Flow-GRPO)
+COMPONENTS = {"StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+              "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                           "tokenizer_2", "scheduler")}  # T5 (text_encoder_3) is optional
 
 
 @dataclass
 class Models:
-    unet: torch.nn.Module  # ε_θ(x_t, t, c) on latents: the only part trained (all of it, or a LoRA adapter on it)
-    text_encoder: torch.nn.Module
+    denoiser: torch.nn.Module  # on latents: the UNet ε_θ(x_t, t, c) or SD3's transformer v_θ(x_t, t, c); the only part trained
+    text_encoder: torch.nn.Module  # (SD3: the first of its text encoders; its pipeline's encode_prompt uses them all)
     tokenizer: object
-    scheduler: object  # DDIMScheduler
+    scheduler: object  # DDIMScheduler (the DDIM policy), or FlowMatchEulerDiscreteScheduler (Flow-GRPO's SDE policy)
     vae: torch.nn.Module  # AutoencoderKL: the policy acts on its latents, the reward sees its decoded images
     device: str
-    dtype: torch.dtype = torch.float32  # of the frozen weights and the UNet's forward pass (autocast)
-    reference: Optional[torch.nn.Module] = None  # a frozen copy of the UNet as loaded: π_pre under full fine-tuning
+    dtype: torch.dtype = torch.float32  # of the frozen weights and the denoiser's forward pass (autocast)
+    reference: Optional[torch.nn.Module] = None  # a frozen copy of the denoiser as loaded: π_pre under full fine-tuning
+    pipeline: object = None  # SD3: its StableDiffusion3Pipeline, whose own encode_prompt gives c
+
+    @property
+    def flow(self):  # a rectified-flow model: Flow-GRPO's SDE step is its policy
+        return self.pipeline is not None
 
     def autocast(self):
         return torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
 def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
-    """A Stable Diffusion v1-style diffusers folder or hub id (unet, vae, text_encoder, tokenizer, scheduler; the
-    built-in 'tiny' is one), or a run folder: its base model with the trainable weights of its last checkpoint."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    """A diffusers folder or hub id: a StableDiffusionPipeline's (unet, vae, text_encoder, tokenizer; its scheduler
+    loaded as DDIMScheduler; the built-in 'tiny' is one) or a StableDiffusion3Pipeline, loaded whole ('tiny-flow' is
+    one); or a run folder: its base model with the trainable weights of its last checkpoint."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     if is_run(name):
@@ -276,52 +289,80 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
         except Exception as e:  # a truncated file fails in safetensors; a mismatch in load_trainable
             fail(f"checkpoint {checkpoint} is damaged ({why(e)})")
         return models
-    path = str(TINY_MODEL if name == "tiny" else name)
+    path, dtype = str(TINY_MODELS.get(name, name)), PRECISIONS[mixed_precision]
     try:
         index = DiffusionPipeline.load_config(path)  # model_index.json
-        if missing := [c for c in COMPONENTS if c not in index or index[c][0] is None]:
-            fail(f"model {name} has no {', '.join(missing)}: it needs a Stable Diffusion-style pipeline's "
-                 f"{', '.join(COMPONENTS)}")
-        models = Models(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"), device=device, dtype=PRECISIONS[mixed_precision])
+        kind = "StableDiffusion3Pipeline" if "transformer" in index else "StableDiffusionPipeline"
+        if missing := [c for c in COMPONENTS[kind] if c not in index or index[c][0] is None]:
+            fail(f"model {name} has no {', '.join(missing)}: it needs a {kind}'s {', '.join(COMPONENTS[kind])}")
+        if kind == "StableDiffusion3Pipeline":  # its own classes, scheduler included (check_scheduler checks it)
+            absent = {c: None for c in ("text_encoder_3", "tokenizer_3") if index.get(c, [None])[0] is None}  # no T5
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, **absent)
+            models = Models(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae, device,
+                            dtype, pipeline=pipe)
+        else:
+            models = Models(
+                UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+                CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+                AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
+                AutoencoderKL.from_pretrained(path, subfolder="vae"), device, dtype)
     except Exception as e:  # OSError, ValueError, or a damaged weights file's own error (SafetensorError, …)
         fail(model_load_error(name, e))
     if problem := mismatched_components(models):
         fail(f"model {name} does not fit together: {problem}")
-    for module in (models.text_encoder, models.vae):  # frozen: no gradients, stored in the run's precision
+    more = [models.pipeline.text_encoder_2, models.pipeline.text_encoder_3] if models.flow else []  # SD3's, T5 or None
+    for module in [models.text_encoder, models.vae, *filter(None, more)]:  # frozen: no gradients, the run's precision
         module.requires_grad_(False).eval().to(device, models.dtype)
     if lora_rank > 0:
         from peft import LoraConfig
 
-        models.unet.requires_grad_(False).to(models.dtype)
-        models.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS))
-        for p in models.unet.parameters():  # the adapter trains in fp32 over the frozen low-precision base
+        models.denoiser.requires_grad_(False).to(models.dtype)
+        models.denoiser.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                               target_modules=FLOW_LORA_TARGETS if models.flow else LORA_TARGETS))
+        for p in models.denoiser.parameters():  # the adapter trains in fp32 over the frozen low-precision base
             if p.requires_grad:
                 p.data = p.data.float()
-    models.unet.to(device).train()
+    models.denoiser.to(device).train()
     return models
 
 
 def encode_prompts(models, prompts):
-    """The condition c as the UNet sees it: the text encoder's last hidden state (B, L, D).
-
-    No gradient flows during DDPO (the text encoder is frozen); the tiny model's pretraining trains it through here.
-    """
+    """c as the denoiser takes it, a dict of its keyword arguments: the UNet's encoder_hidden_states (B, L, D), the
+    text encoder's last hidden state; SD3's from its pipeline's own encode_prompt: token states (B, L, D) and pooled
+    CLIP embeddings (B, P), with 128 T5 tokens as Flow-GRPO (none without T5, as tiny-flow). Frozen during DDPO; the
+    tiny models' pretraining trains the text encoders through here."""
+    if models.flow:
+        t5 = 128 if models.pipeline.text_encoder_3 is not None else 0
+        states, _, pooled, _ = models.pipeline.encode_prompt(prompts, None, None, device=models.device,
+                                                             do_classifier_free_guidance=False, max_sequence_length=t5)
+        return {"encoder_hidden_states": states, "pooled_projections": pooled}
     tok = models.tokenizer(prompts, padding="max_length", max_length=models.tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
-    return models.text_encoder(tok.input_ids.to(models.device))[0]
+    return {"encoder_hidden_states": models.text_encoder(tok.input_ids.to(models.device))[0]}
+
+
+def pick(cond, rows):  # c of some samples: those rows of each of its tensors
+    return {k: v[rows] for k, v in cond.items()}
+
+
+def repeat(cond, n):  # one prompt's c (its first row) for n samples, e.g. ∅ for classifier-free guidance
+    return {k: v[:1].expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def denoise(models, x_t, t, cond):
+    """The denoiser's prediction at (x_t, t, c), (B, C, H, W): the UNet's ε, v or x_0, or the transformer's velocity."""
+    with models.autocast():
+        return models.denoiser(**{"hidden_states" if models.flow else "sample": x_t}, timestep=t, **cond,
+                               return_dict=False)[0]
 
 
 @torch.no_grad()
 def decode(models, x0):
-    """Latents x_0 → images in [0, 1], (B, 3, H, W) fp32: the VAE decodes x_0 / scaling_factor (the UNet works on
-    latents scaled to unit variance), as StableDiffusionPipeline does."""
-    images = models.vae.decode(x0.to(models.vae.dtype) / models.vae.config.scaling_factor).sample
+    """Latents x_0 → images in [0, 1], (B, 3, H, W) fp32: the VAE decodes x_0 / scaling_factor + shift_factor (the
+    denoiser works on latents scaled to unit variance; SD3's VAE shifts them too), as diffusers' pipelines do."""
+    config = models.vae.config
+    images = models.vae.decode(x0.to(models.vae.dtype) / config.scaling_factor + (config.shift_factor or 0)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -343,9 +384,19 @@ def ddpm_loss(models, x0, cond, t, noise):
     x_t = sched.add_noise(x0, noise, t)
     kind = sched.config.prediction_type
     target = noise if kind == "epsilon" else x0 if kind == "sample" else sched.get_velocity(x0, noise, t)
-    with models.autocast():
-        pred = models.unet(x_t, t, encoder_hidden_states=cond).sample
-    return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    return ((denoise(models, x_t, t, cond).float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+
+
+def flow_matching_loss(models, x0, cond, t, noise):
+    """Rectified flow's loss (SD3; Esser et al. 2024, eq. 2 with unit weights): ‖(ε − x_0) − v_θ(x_t, t, c)‖² with
+    x_t = (1 − t) x_0 + t ε, one value per sample (B,). t is the scheduler's training sigma number t ~ U{0, …, 999}
+    (its shift included), where SD3's own training draws t from a logit-normal. The flow models' DDPM loss: it serves
+    RWR on them and tiny-flow's pretraining."""
+    schedule = type(models.scheduler).from_config(models.scheduler.config)  # the 1000 training sigmas, not set_timesteps'
+    timestep = schedule.timesteps[t]
+    x_t = schedule.scale_noise(x0, timestep, noise.to(x0.device, x0.dtype))
+    return ((denoise(models, x_t, timestep.to(x0.device), cond).float() - (noise - x0).float()) ** 2).mean(
+        dim=tuple(range(1, x0.ndim)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,42 +408,47 @@ def ddpm_loss(models, x0, cond, t, noise):
 @dataclass
 class Trajectories:
     prompts: list  # c, B strings
-    cond: torch.Tensor  # c as the UNet sees it, (B, L, D)
+    cond: dict  # c as the denoiser takes it (encode_prompts), B rows
     states: torch.Tensor  # x_T … x_0, (B, T+1, C, H, W): s_t = (c, timesteps[j], states[:, j]), a_t = states[:, j+1]
     timesteps: torch.Tensor  # t of each step j, (T,)
     log_probs: torch.Tensor  # log π(a_t | s_t) under the sampling policy θ_old, (B, T)
 
     @staticmethod
     def cat(parts):
-        return Trajectories(sum((p.prompts for p in parts), []), *(torch.cat([getattr(p, f) for p in parts])
-                            for f in ("cond", "states")), parts[0].timesteps, torch.cat([p.log_probs for p in parts]))
+        return Trajectories(sum((p.prompts for p in parts), []), {k: torch.cat([p.cond[k] for p in parts])
+                            for k in parts[0].cond}, torch.cat([p.states for p in parts]), parts[0].timesteps,
+                            torch.cat([p.log_probs for p in parts]))
 
 
-def policy(models, x_t, t, cond, uncond, guidance_scale, eta):
-    """π(· | s_t) = N(μ_θ(x_t, t, c), σ_t² I): guided noise prediction, then the DDIM step. Returns μ, σ_t.
+def policy(models, x_t, t, cond, uncond, guidance_scale, noise):
+    """π(· | s_t) = N(μ_θ(x_t, t, c), σ_t² I): the guided prediction, then the model's step: DDIM's for a UNet (noise:
+    η), Flow-GRPO's SDE for a flow model (noise: a). Returns μ and the step's standard deviation σ_t.
 
-    Classifier-free guidance: ε̂ = ε_θ(x_t, t, ∅) + w (ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅)).
+    Classifier-free guidance, for ε as for the velocity: ε̂ = ε_θ(x_t, t, ∅) + w (ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅)).
     """
-    x_in = torch.cat([x_t, x_t])  # (2B, C, H, W): unconditional and conditional in one pass
-    with models.autocast():
-        out = models.unet(x_in, torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-    eps_uncond, eps_cond = out.chunk(2)
-    eps = eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
-    return ddim_step(models.scheduler, eps, x_t, t, eta)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # unconditional and conditional in one pass, 2B rows
+    eps_uncond, eps_cond = denoise(models, torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
+    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    return (flow_sde_step if models.flow else ddim_step)(models.scheduler, eps, x_t, t, noise)
+
+
+def noise_scale(models, args):
+    """The policy's noise: a (--noise-level) for a flow model, η (--eta) for DDIM."""
+    return args.noise_level if models.flow else args.eta
 
 
 @torch.no_grad()
 def pretrained_mean(models, *state):
-    """μ_pre(x_t, t, c) of π_pre (DPOK's KL). With LoRA: the same UNet with its adapter switched off, i.e. the base
-    model (one UNet in memory). Under full fine-tuning: models.reference, a frozen copy of the UNet the run started
-    from (for --model RUN, RUN's weights when this run began)."""
+    """μ_pre(x_t, t, c) of π_pre (DPOK's KL). With LoRA: the same denoiser with its adapter switched off, i.e. the base
+    model (one denoiser in memory). Under full fine-tuning: models.reference, a frozen copy of the denoiser the run
+    started from (for --model RUN, RUN's weights when this run began)."""
     if models.reference is not None:
-        return policy(dataclasses.replace(models, unet=models.reference), *state)[0]
-    models.unet.disable_adapters()
+        return policy(dataclasses.replace(models, denoiser=models.reference), *state)[0]
+    models.denoiser.disable_adapters()
     try:
         return policy(models, *state)[0]
     finally:
-        models.unet.enable_adapters()
+        models.denoiser.enable_adapters()
 
 
 def noise_generators(seed, indices, epoch=0, stream=0):
@@ -409,15 +465,15 @@ def rollout(models, prompts, args, generators) -> Trajectories:
     """Sample one trajectory per prompt, each from its own generator: x_T ~ N(0, I), then T actions a_t = x_{t-1} ~ π(· | s_t)."""
     models.scheduler.set_timesteps(args.num_steps)
     cond = encode_prompts(models, prompts)
-    uncond = encode_prompts(models, [""]).expand_as(cond)
-    size = models.unet.config.sample_size
-    shape = (models.unet.config.in_channels, size, size)
+    uncond = repeat(encode_prompts(models, [""]), len(prompts))
+    size = models.denoiser.config.sample_size
+    shape = (models.denoiser.config.in_channels, size, size)
     noise = lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(models.device)  # noqa: E731
     x_t = noise()  # ρ_0: x_T ~ N(0, I), (B, C, H, W)
     states, log_probs = [x_t], []
     for t in models.scheduler.timesteps:
         t = t.expand(len(prompts)).to(models.device)
-        mean, sigma_t = policy(models, x_t, t, cond, uncond, args.guidance_scale, args.eta)
+        mean, sigma_t = policy(models, x_t, t, cond, uncond, args.guidance_scale, noise_scale(models, args))
         x_t = mean + sigma_t * noise()  # the action x_{t-1}
         log_probs.append(gaussian_log_prob(x_t, mean, sigma_t))
         states.append(x_t)
@@ -429,9 +485,9 @@ def rescore(models, traj, rows, steps, uncond, args):
     """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices `steps` (one per row), (b,);
     and KL(π_θ(·|s_t) ‖ π_pre(·|s_t)), (b,), when --kl-coef > 0 (else None).
 
-    uncond is the empty prompt's embedding, (1, L, D) or more rows; its first row serves every sample."""
-    state = (traj.states[rows, steps], traj.timesteps[steps].to(models.device), traj.cond[rows],
-             uncond[:1].expand(len(rows), -1, -1), args.guidance_scale, args.eta)
+    uncond is the empty prompt's condition, one row or more; its first row serves every sample."""
+    state = (traj.states[rows, steps], traj.timesteps[steps].to(models.device), pick(traj.cond, rows),
+             repeat(uncond, len(rows)), args.guidance_scale, noise_scale(models, args))
     mean, sigma_t = policy(models, *state)
     kl = gaussian_kl(mean, pretrained_mean(models, *state), sigma_t) if args.kl_coef > 0 else None
     return gaussian_log_prob(traj.states[rows, steps + 1], mean, sigma_t), kl
@@ -524,14 +580,15 @@ class ValueFunction(torch.nn.Module):
         torch.nn.init.zeros_(self.head[-1].weight)  # V_φ = 0 everywhere until fitted: round 1's advantages are the batch's
         self.register_buffer("fitted", torch.tensor(False))  # the output bias starts at the first round's mean reward
 
-    def forward(self, x_t, t, cond):  # (N, C, H, W), (N,) timesteps, (N, L, D) → (N,)
+    def forward(self, x_t, t, cond):  # (N, C, H, W), (N,) timesteps, c's token states (N, L, D) → (N,)
         features = torch.cat([self.image(x_t.float()), cond.float().mean(1), t.float()[:, None] / 1000], 1)
         return self.head(features).squeeze(1)
 
 
 def value_at(value, traj, j):
     """V_φ(s_t) at step index j of every trajectory, (B,)."""
-    return value(traj.states[:, j], traj.timesteps[j].expand(len(traj.prompts)).to(traj.states.device), traj.cond)
+    t = traj.timesteps[j].expand(len(traj.prompts)).to(traj.states.device)
+    return value(traj.states[:, j], t, traj.cond["encoder_hidden_states"])
 
 
 def value_advantages(value, traj, rewards, args):
@@ -630,8 +687,9 @@ def round_plan(args, T):
 
 
 def rwr_loss(models, x0, cond, weights, t, noise):
-    """RWR: the DDPM loss on the model's own samples x_0, each weighted (one-step MDP: a = x_0)."""
-    return (weights * ddpm_loss(models, x0, cond, t, noise)).mean()
+    """RWR: the DDPM loss (a flow model's: the flow-matching loss) on the model's own samples x_0, each weighted
+    (one-step MDP: a = x_0)."""
+    return (weights * (flow_matching_loss if models.flow else ddpm_loss)(models, x0, cond, t, noise)).mean()
 
 
 def backward(loss, scale, scaler, where):
@@ -670,7 +728,7 @@ def policy_gradient_chunk(models, traj, rows, chunk, steps, advantages, args, un
 def rwr_chunk(models, traj, rows, chunk, weights, ddpm_draws, scaler, share, logs, where):
     """RWR on one chunk (§4.2, a one-step MDP): the weighted DDPM loss on the final samples x_0 = states[:, -1]."""
     t_ddpm, eps_ddpm = ddpm_draws
-    loss = rwr_loss(models, traj.states[rows, -1], traj.cond[rows], weights[chunk], t_ddpm[chunk], eps_ddpm[chunk])
+    loss = rwr_loss(models, traj.states[rows, -1], pick(traj.cond, rows), weights[chunk], t_ddpm[chunk], eps_ddpm[chunk])
     backward(loss, share, scaler, where)
     logs["loss"].append(loss.item())
 
@@ -712,7 +770,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
     n_minibatches, inner_epochs, n_timesteps = round_plan(args, T)
     weights = rwr_weights(args, rewards, advantages).to(models.device) if rwr else None
     advantages = advantages.to(models.device)
-    params = {n: p for n, p in models.unet.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in models.denoiser.named_parameters() if p.requires_grad}
     logs = {"loss": [], "approx_kl": [], "clipfrac": [], "kl": [], "grad_norm": [], "skipped": []}
     bar = tqdm(total=inner_epochs * n_minibatches, desc="training", leave=False, disable=bars())
     n_steps = 0
@@ -766,25 +824,25 @@ def train(args, reward_fn=None):
     models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
     if problem := check_scheduler(models.scheduler, args.num_steps):
         fail(f"cannot use model {args.model}: its {problem}")
-    params = [p for p in models.unet.parameters() if p.requires_grad]
+    params = [p for p in models.denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     scaler = loss_scaler(args)
-    if args.kl_coef > 0 and args.lora_rank == 0:  # π_pre for DPOK's KL: the UNet as loaded, frozen (LoRA: adapter off)
-        models.reference = copy.deepcopy(models.unet).requires_grad_(False).to(models.dtype)
+    if args.kl_coef > 0 and args.lora_rank == 0:  # π_pre for DPOK's KL: the denoiser as loaded, frozen (LoRA: adapter off)
+        models.reference = copy.deepcopy(models.denoiser).requires_grad_(False).to(models.dtype)
+    uncond = encode_prompts(models, [""])  # c = ∅ for classifier-free guidance, one row
     value = None  # DPOK's V_φ and its own optimizer
     if args.advantage == "value":
-        net = ValueFunction(models.unet.config.in_channels, models.text_encoder.config.hidden_size).to(args.device)
+        net = ValueFunction(models.denoiser.config.in_channels, uncond["encoder_hidden_states"].shape[-1]).to(args.device)
         value = (net, torch.optim.AdamW(net.parameters(), lr=args.value_lr))
     tracker = PerPromptStatTracker(args.buffer_size, args.min_count, args.samples_per_prompt)
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     state = (models, optimizer, tracker, rng, generator, scaler, value)  # all a round depends on: the checkpoint
     start = run.resume(state) if args.resume else 0
-    run.print(describe(args, len(prompt_set), round_plan(args, args.num_steps), run.world),
+    run.print(describe(args, len(prompt_set), round_plan(args, args.num_steps), run.world, models.flow),
               f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run.dir}; "
               f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
     eval_prompts = random.Random(args.seed + 1).choices(prompt_set, k=8)
-    uncond = encode_prompts(models, [""])  # c = ∅ for classifier-free guidance, (1, L, D)
 
     def evaluate(epoch):
         """The same 8 prompts and noise every epoch, so the grids show how the model changes."""
@@ -888,14 +946,14 @@ def complete(args, typed=frozenset(), error=fail):
     if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
         error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
     args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS.get(args.reward, "simple_animals")
-    if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full UNet
+    if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full denoiser
         rank = load_run_args(args.model).lora_rank
         if "lora_rank" in typed and args.lora_rank != rank:
             error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
                     f"cannot change that")
         args.lora_rank = rank
     elif args.lora_rank is None:
-        args.lora_rank = 0 if args.model == "tiny" else 4
+        args.lora_rank = 0 if args.model in TINY_MODELS else 4
     reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in args.reward)  # module:fn, path/file.py:fn
     args.run_name = args.run_name or f"{reward}__{args.algo}__{args.seed}__{int(time.time())}"
     return args

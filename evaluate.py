@@ -46,9 +46,9 @@ def base_and_tuned(run, args):
     after the base one is released."""
     if run.lora_rank > 0:
         models = ddpo.load_models(args.run, args.device, mixed_precision=run.mixed_precision)  # base + adapter
-        models.unet.disable_adapters()
+        models.denoiser.disable_adapters()
         yield "base", models
-        models.unet.enable_adapters()
+        models.denoiser.enable_adapters()
         yield "tuned", models
     else:
         yield "base", ddpo.load_models(run.model, args.device, mixed_precision=run.mixed_precision)

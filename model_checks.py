@@ -1,5 +1,6 @@
 """Whether a diffusers pipeline can serve as DDPO's policy, each problem as one line: a scheduler whose DDIM step
-has no density or steps between other timesteps, components that do not fit together, weights that do not load.
+or flow SDE step has no density or steps between other timesteps, components that do not fit together, weights that
+do not load.
 """
 from pathlib import Path
 
@@ -9,6 +10,35 @@ from files import first_line
 
 
 def check_scheduler(scheduler, num_steps):
+    """Why the model's policy step cannot serve its scheduler with a density, or None (check_flow_scheduler for
+    a flow model's, check_ddim_scheduler for a DDIM one's)."""
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return check_flow_scheduler(scheduler, num_steps)
+    return check_ddim_scheduler(scheduler, num_steps)
+
+
+def check_flow_scheduler(scheduler, num_steps):
+    """Why flow_sde_step cannot serve this scheduler as a policy with a density, or None: it steps between
+    FlowMatchEulerDiscreteScheduler's sigmas, which must fall from at most 1 to 0 with every step's t > 0 (σ_t > 0);
+    a shift that depends on the image size (use_dynamic_shifting) needs a mu that DDPO does not compute."""
+    config = scheduler.config
+    if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+        return f"scheduler {type(scheduler).__name__} is not FlowMatchEulerDiscreteScheduler, whose sigmas the flow SDE steps between"
+    if config.get("use_dynamic_shifting"):
+        return ("use_dynamic_shifting=True takes its shift from the image size (mu), which is not supported; set it to "
+                "false and a fixed shift in scheduler/scheduler_config.json, as Stable Diffusion 3 has")
+    try:
+        scheduler.set_timesteps(num_steps)
+    except ValueError as e:
+        return f"scheduler refuses {num_steps} steps ({first_line(e)})"
+    sigmas = scheduler.sigmas
+    if not (sigmas[:-1] > 0).all() or not (sigmas[:-1] <= 1).all() or not (sigmas[1:] < sigmas[:-1]).all() or sigmas[-1] < 0:
+        return (f"sigmas {[round(s, 4) for s in sigmas.tolist()]} do not fall from at most 1 to 0 with every step's t > 0 "
+                f"(invert_sigmas?): the SDE step has no density where t = 0 or it runs backwards")
+    return None
+
+
+def check_ddim_scheduler(scheduler, num_steps):
     """Why ddim_step cannot serve this scheduler as a policy with a density equal to DDIMScheduler.step, or None:
     σ_t = 0 at the last step, thresholding (dynamic x̂_0 clipping for pixel-space models: not implemented
     here), or a timestep spacing whose next timestep is not the one DDIMScheduler.step steps to (t − 1000 // T)."""
@@ -34,10 +64,12 @@ def check_scheduler(scheduler, num_steps):
 
 
 def mismatched_components(models):
-    """Why a pipeline's components cannot work together, or None: the UNet must take the VAE's latents (channels,
-    and the VAE's image size divided by its downsampling), the text encoder's states must be the size its
-    cross-attention takes, and every token id must be one the text encoder has."""
-    unet, vae, text = models.unet.config, models.vae.config, models.text_encoder.config
+    """Why a pipeline's components cannot work together, or None: the denoiser must take the VAE's latents (channels,
+    and the VAE's image size divided by its downsampling), the text encoders' states must be the size its attention
+    takes (SD3: their pooled embeddings too), and every token id must be one the text encoder has."""
+    if models.flow:
+        return mismatched_flow_components(models)
+    unet, vae, text = models.denoiser.config, models.vae.config, models.text_encoder.config
     factor = 2 ** (len(vae.block_out_channels) - 1)  # each VAE level but the last halves the image
     if vae.latent_channels != unet.in_channels:
         return f"its VAE has {vae.latent_channels} latent channels and its UNet takes {unet.in_channels} input channels"
@@ -103,3 +135,29 @@ def quiet_libraries():
     huggingface_hub.utils.logging.set_verbosity_error()  # its retry messages while the hub is unreachable
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)  # diffusers → hub
 
+
+
+def mismatched_flow_components(models):
+    """mismatched_components for a StableDiffusion3Pipeline: the transformer and the VAE as for a UNet; the two CLIPs'
+    token states, side by side, at most its joint attention's width (encode_prompt pads them to it), T5's exactly
+    it; their pooled embeddings side by side its pooled projection's width."""
+    pipe, net, vae = models.pipeline, models.denoiser.config, models.vae.config
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    clips = [pipe.text_encoder.config, pipe.text_encoder_2.config]
+    if vae.latent_channels != net.in_channels:
+        return f"its VAE has {vae.latent_channels} latent channels and its transformer takes {net.in_channels}"
+    if net.sample_size * factor != vae.sample_size:
+        return (f"its transformer's sample size {net.sample_size} is not its VAE's image size {vae.sample_size} divided "
+                f"by the VAE's downsampling {factor}")
+    if sum(c.hidden_size for c in clips) > net.joint_attention_dim:
+        return (f"its CLIP text encoders' hidden sizes {' + '.join(str(c.hidden_size) for c in clips)} exceed its "
+                f"transformer's joint_attention_dim {net.joint_attention_dim}")
+    if pipe.text_encoder_3 is not None and pipe.text_encoder_3.config.d_model != net.joint_attention_dim:
+        return f"its T5's width {pipe.text_encoder_3.config.d_model} is not its transformer's joint_attention_dim {net.joint_attention_dim}"
+    if sum(c.projection_dim for c in clips) != net.pooled_projection_dim:
+        return (f"its CLIP text encoders' projections {' + '.join(str(c.projection_dim) for c in clips)} do not make its "
+                f"transformer's pooled_projection_dim {net.pooled_projection_dim}")
+    for tokenizer, clip in zip((pipe.tokenizer, pipe.tokenizer_2), clips):
+        if len(tokenizer) > clip.vocab_size:
+            return f"a tokenizer has {len(tokenizer)} tokens and its text encoder only {clip.vocab_size}"
+    return None

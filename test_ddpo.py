@@ -222,11 +222,11 @@ def test_rollout_shapes_and_log_probs_match_diffusers(random_models):
     assert traj.timesteps.tolist() == [751, 501, 251, 1]
     # each action equals diffusers' DDIM step from the same state with the noise that was drawn
     scheduler = random_models.scheduler
-    uncond = ddpo.encode_prompts(random_models, [""]).expand(3, -1, -1)
+    uncond = ddpo.repeat(ddpo.encode_prompts(random_models, [""]), 3)
     with torch.no_grad():
         for j, t in enumerate(traj.timesteps):
             x_t, x_prev = traj.states[:, j], traj.states[:, j + 1]
-            eps_u, eps_c = random_models.unet(torch.cat([x_t, x_t]), t, torch.cat([uncond, traj.cond])).sample.chunk(2)
+            eps_u, eps_c = random_models.denoiser(torch.cat([x_t, x_t]), t, torch.cat([uncond["encoder_hidden_states"], traj.cond["encoder_hidden_states"]])).sample.chunk(2)
             eps = eps_u + args.guidance_scale * (eps_c - eps_u)
             mean, sigma_t = ddpo.ddim_step(scheduler, eps, x_t, t.expand(3), 1.0)
             z = (x_prev - mean) / sigma_t
@@ -248,7 +248,7 @@ def test_the_trained_timesteps_and_minibatches_are_the_ones_the_flags_select(ran
     seen, real = [], ddpo.rescore
     monkeypatch.setattr(ddpo, "rescore", lambda m, tr, rows, steps, *rest: (
         seen.extend(zip(rows.tolist(), steps.tolist())) or real(m, tr, rows, steps, *rest)))
-    optimizer = torch.optim.SGD([p for p in models.unet.parameters() if p.requires_grad], lr=0.0)
+    optimizer = torch.optim.SGD([p for p in models.denoiser.parameters() if p.requires_grad], lr=0.0)
     ddpo.train_round(models, optimizer, traj, torch.linspace(-1, 1, 8), torch.zeros(8), args,
                      torch.Generator().manual_seed(0), ddpo.encode_prompts(models, [""]))
     T, n = 4, 2  # int(0.5 · 4) steps of each sample
@@ -314,11 +314,11 @@ def test_guidance_scale_combines_the_two_predictions(random_models):
     g = torch.Generator().manual_seed(4)
     x_t = torch.randn(2, 4, 8, 8, generator=g)
     cond = ddpo.encode_prompts(random_models, ["cat", "dog"])
-    uncond = ddpo.encode_prompts(random_models, [""]).expand(2, -1, -1)
+    uncond = ddpo.repeat(ddpo.encode_prompts(random_models, [""]), 2)
     t = torch.tensor([501, 501])
     with torch.no_grad():
-        eps_u = random_models.unet(x_t, t, uncond).sample
-        eps_c = random_models.unet(x_t, t, cond).sample
+        eps_u = random_models.denoiser(x_t, t, **uncond).sample
+        eps_c = random_models.denoiser(x_t, t, **cond).sample
         random_models.scheduler.set_timesteps(20)
         mean, _ = ddpo.policy(random_models, x_t, t, cond, uncond, 3.0, 1.0)
         expected, _ = ddpo.ddim_step(random_models.scheduler, eps_u + 3.0 * (eps_c - eps_u), x_t, t, 1.0)
@@ -454,26 +454,25 @@ def test_ddpm_loss_is_zero_for_the_true_target_and_matches_the_closed_form(predi
     a = scheduler.alphas_cumprod
     x0 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
 
-    class Oracle(torch.nn.Module):  # knows x_0, so it can recover ε (and v) exactly from x_t
-        def forward(self, x_t, t, encoder_hidden_states):
-            ab = a[t].view(-1, 1, 1, 1)
-            eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
-            out = {"epsilon": eps, "sample": x0, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction_type]
-            return type("Out", (), {"sample": out})
+    class Oracle(torch.nn.Module):  # knows x_0, so it can recover ε (and v) exactly from x_t; called as a UNet is
+        def forward(self, sample, timestep, return_dict):
+            ab = a[timestep].view(-1, 1, 1, 1)
+            eps = (sample - ab.sqrt() * x0) / (1 - ab).sqrt()
+            return ({"epsilon": eps, "sample": x0, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction_type],)
 
     class Zero(torch.nn.Module):
-        def forward(self, x_t, t, encoder_hidden_states):
-            return type("Out", (), {"sample": torch.zeros_like(x_t)})
+        def forward(self, sample, timestep, return_dict):
+            return (torch.zeros_like(sample),)
 
     oracle = ddpo.Models(Oracle(), None, None, scheduler, None, "cpu")
-    assert ddpo.ddpm_loss(oracle, x0, None, *ddpo.ddpm_noise(scheduler, x0.shape, torch.Generator().manual_seed(6))).abs().max().item() < 1e-8
+    assert ddpo.ddpm_loss(oracle, x0, {}, *ddpo.ddpm_noise(scheduler, x0.shape, torch.Generator().manual_seed(6))).abs().max().item() < 1e-8
     zero = ddpo.Models(Zero(), None, None, scheduler, None, "cpu")
     g = torch.Generator().manual_seed(7)
     t = torch.randint(0, 1000, (3,), generator=g)  # the loss draws t first, then ε, from the same generator
     noise = torch.randn(x0.shape, generator=g)
     ab = a[t].view(-1, 1, 1, 1)
     target = {"epsilon": noise, "sample": x0, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[prediction_type]
-    torch.testing.assert_close(ddpo.ddpm_loss(zero, x0, None, *ddpo.ddpm_noise(scheduler, x0.shape, torch.Generator().manual_seed(7))),
+    torch.testing.assert_close(ddpo.ddpm_loss(zero, x0, {}, *ddpo.ddpm_noise(scheduler, x0.shape, torch.Generator().manual_seed(7))),
                                target.pow(2).mean(dim=(1, 2, 3)))
 
 
@@ -501,7 +500,7 @@ def test_one_is_step_moves_log_prob_with_the_advantage(random_model_dir, advanta
     uncond = ddpo.encode_prompts(models, [""])
     # a small plain gradient step tests the estimator's direction (Adam's first step is ±lr on every weight,
     # which can overshoot where log π is sharply curved, at the last steps' small σ_t)
-    optimizer = torch.optim.SGD(models.unet.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(models.denoiser.parameters(), lr=1e-3)
     logs = ddpo.train_round(models, optimizer, traj, torch.tensor([advantage]), torch.zeros(1), args,
                             torch.Generator().manual_seed(0), uncond)
     assert logs["approx_kl"] < 1e-12 and logs["clipfrac"] == 0  # one minibatch: data from the current θ
@@ -516,8 +515,8 @@ def count_round(models, algo, *flags, advantages=(1.0, -1.0, 0.5, -0.5), optimiz
     args = small_args("--algo", algo, *flags)
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(9, range(4)))
     calls, steps = [], []
-    optimizer = optimizer or torch.optim.AdamW(models.unet.parameters(), lr=0.0)
-    hooks = [models.unet.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0])),
+    optimizer = optimizer or torch.optim.AdamW(models.denoiser.parameters(), lr=0.0)
+    hooks = [models.denoiser.register_forward_hook(lambda m, a, kw, out: calls.append(kw["sample"].shape[0]), with_kwargs=True),
              optimizer.register_step_post_hook(lambda *_: steps.append(1))]
     try:
         logs = ddpo.train_round(models, optimizer, traj, torch.tensor(advantages), torch.arange(4.0), args,
@@ -546,10 +545,10 @@ def test_ddpo_is_and_sf_take_different_updates_at_the_defaults(random_model_dir)
     updates = {}
     for algo in ("is", "sf"):
         models = ddpo.load_models(str(random_model_dir), "cpu")
-        before = [p.detach().clone() for p in models.unet.parameters()]
-        optimizer = torch.optim.AdamW(models.unet.parameters(), lr=ddpo.parse_args([]).lr)
+        before = [p.detach().clone() for p in models.denoiser.parameters()]
+        optimizer = torch.optim.AdamW(models.denoiser.parameters(), lr=ddpo.parse_args([]).lr)
         _, steps, logs = count_round(models, algo, optimizer=optimizer)  # the defaults, but T = 4
-        updates[algo] = torch.cat([(p.detach() - b).flatten() for p, b in zip(models.unet.parameters(), before)])
+        updates[algo] = torch.cat([(p.detach() - b).flatten() for p, b in zip(models.denoiser.parameters(), before)])
         assert steps == (1 if algo == "sf" else ddpo.parse_args([]).num_minibatches * ddpo.parse_args([]).inner_epochs)
         if algo == "is":
             assert steps >= 2 and logs["approx_kl"] > 0
@@ -570,7 +569,7 @@ def test_ddpo_is_ratio_is_one_at_the_first_step_then_moves_and_clips(random_mode
     real, seen = ddpo.ddpo_is_loss, []
     monkeypatch.setattr(ddpo, "ddpo_is_loss", lambda *a: seen.append(real(*a)) or seen[-1])
     _, steps, logs = count_round(models, "is", "--inner-epochs", "2", "--num-minibatches", "1",
-                                 optimizer=torch.optim.AdamW(models.unet.parameters(), lr=1e-3))
+                                 optimizer=torch.optim.AdamW(models.denoiser.parameters(), lr=1e-3))
     assert steps == 2 and len(seen) == 8  # 2 steps x 4 timesteps, one chunk of 4 samples each
     first, later = seen[:4], seen[4:]
     assert all(kl.item() < 1e-12 and cf.item() == 0 for _, kl, cf in first), "the ratio must be 1 when θ = θ_old"
@@ -583,7 +582,7 @@ def test_rwr_regresses_on_the_final_sample_x0(random_models, monkeypatch):
     monkeypatch.setattr(ddpo, "ddpm_loss", lambda models, x0, *a: seen.append(x0) or real(models, x0, *a))
     args = small_args("--algo", "rwr", "--num-minibatches", "1")
     traj = ddpo.rollout(random_models, ["cat", "dog"], args, ddpo.noise_generators(9, range(2)))
-    ddpo.train_round(random_models, torch.optim.SGD(random_models.unet.parameters(), lr=0.0), traj,
+    ddpo.train_round(random_models, torch.optim.SGD(random_models.denoiser.parameters(), lr=0.0), traj,
                      torch.tensor([1.0, -1.0]), torch.zeros(2), args, torch.Generator().manual_seed(0),
                      ddpo.encode_prompts(random_models, [""]))
     assert len(seen) == 1 and len(seen[0]) == 2  # one minibatch of both samples, in the round's shuffled order
@@ -595,12 +594,12 @@ def test_rwr_regresses_on_the_final_sample_x0(random_models, monkeypatch):
 def test_sparse_rwr_takes_no_step_when_no_sample_reaches_c(random_model_dir):
     """AdamW with weight decay would move every weight even on a zero loss: the step must be skipped."""
     models = ddpo.load_models(str(random_model_dir), "cpu")
-    before = [p.detach().clone() for p in models.unet.parameters()]
-    optimizer = torch.optim.AdamW(models.unet.parameters(), lr=1e-2, weight_decay=0.1)
+    before = [p.detach().clone() for p in models.denoiser.parameters()]
+    optimizer = torch.optim.AdamW(models.denoiser.parameters(), lr=1e-2, weight_decay=0.1)
     _, steps, logs = count_round(models, "rwr-sparse", "--rwr-threshold", "100", "--num-minibatches", "2",
                                  optimizer=optimizer)
     assert steps == 0 and logs["skipped"] == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(before, models.unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, models.denoiser.parameters()))
     # with C = 3 only the sample with r = 3 is kept: one of the two minibatches steps, the other is skipped
     _, steps, logs = count_round(models, "rwr-sparse", "--rwr-threshold", "3", "--num-minibatches", "2",
                                  optimizer=optimizer)
@@ -609,8 +608,8 @@ def test_sparse_rwr_takes_no_step_when_no_sample_reaches_c(random_model_dir):
 
 def test_non_finite_weights_after_a_step_stop_the_round(random_model_dir):
     models = ddpo.load_models(str(random_model_dir), "cpu")
-    optimizer = torch.optim.SGD(models.unet.parameters(), lr=0.0)
-    name, param = next(iter(models.unet.named_parameters()))
+    optimizer = torch.optim.SGD(models.denoiser.parameters(), lr=0.0)
+    name, param = next(iter(models.denoiser.named_parameters()))
     optimizer.register_step_post_hook(lambda *_: param.data.fill_(float("inf")))  # an update that overflowed
     with pytest.raises(ddpo.NonFinite, match=rf"non-finite weights \({name}\) after optimizer step 1"):
         count_round(models, "is", "--num-minibatches", "1", optimizer=optimizer)
@@ -650,7 +649,7 @@ def kl_round(models, kl_coef, lr):
             return torch.cat([ddpo.rescore(models, traj, torch.arange(2), torch.full((2,), j), uncond, args)[1]
                               for j in range(4)]).mean().item()
     before = kl()
-    params = [p for p in models.unet.parameters() if p.requires_grad]
+    params = [p for p in models.denoiser.parameters() if p.requires_grad]
     ddpo.train_round(models, torch.optim.SGD(params, lr=lr), traj, torch.zeros(2), torch.zeros(2), args,
                      torch.Generator().manual_seed(0), uncond)
     return before, kl()
@@ -660,14 +659,14 @@ def test_kl_is_zero_at_the_pretrained_model_and_its_gradient_pulls_back_towards_
     """Full fine-tuning: π_pre is a frozen copy of the UNet as loaded. At θ = θ_pre the KL and its gradient are 0;
     after the weights move, the penalty's own gradient steps bring the KL down (zero advantages: nothing else acts)."""
     models = ddpo.load_models(str(random_model_dir), "cpu")
-    models.reference = ddpo.copy.deepcopy(models.unet).requires_grad_(False)
+    models.reference = ddpo.copy.deepcopy(models.denoiser).requires_grad_(False)
     args = small_args("--kl-coef", "1")
     traj = ddpo.rollout(models, ["cat", "dog"], args, ddpo.noise_generators(4, range(2)))
     log_prob, kl = ddpo.rescore(models, traj, torch.arange(2), torch.tensor([1, 3]), ddpo.encode_prompts(models, [""]), args)
     kl.sum().backward()
-    assert kl.tolist() == [0.0, 0.0] and all(not p.grad.any() for p in models.unet.parameters() if p.grad is not None)
+    assert kl.tolist() == [0.0, 0.0] and all(not p.grad.any() for p in models.denoiser.parameters() if p.grad is not None)
     with torch.no_grad():
-        for p in models.unet.parameters():
+        for p in models.denoiser.parameters():
             p.add_(0.002 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     before, after = kl_round(models, kl_coef=1.0, lr=1e-3)
     assert before > 1e-3 and after < 0.9 * before  # measured: 0.160 → 0.135
@@ -691,7 +690,7 @@ def test_value_baseline_lowers_the_gradient_variance_and_keeps_its_mean():
         s = torch.randn(n, 1, 4, 4, generator=g)
         a = mu + sigma * torch.randn(n, generator=g)
         states = torch.stack([s, a.view(n, 1, 1, 1).expand(n, 1, 4, 4)], 1)  # (n, T+1, C, H, W) with T = 1
-        traj = ddpo.Trajectories(["c"] * n, torch.zeros(n, 2, 8), states, torch.tensor([500]), torch.zeros(n, 1))
+        traj = ddpo.Trajectories(["c"] * n, {"encoder_hidden_states": torch.zeros(n, 2, 8)}, states, torch.tensor([500]), torch.zeros(n, 1))
         return traj, 10 * s.mean(dim=(1, 2, 3)) + a, (a - mu) / sigma**2  # trajectories, r, ∂log π/∂μ
 
     args = ddpo.parse_args(["--advantage", "value", "--value-steps", "300", "--value-lr", "1e-2"])
@@ -724,7 +723,7 @@ def test_value_advantages_use_the_value_function_from_before_the_round(tmp_path,
 def test_value_advantages_are_per_step_and_normalised(random_models):
     args = small_args("--advantage", "value", "--adv-clip", "100")
     traj = ddpo.rollout(random_models, ["cat", "dog", "cow"], args, ddpo.noise_generators(0, range(3)))
-    value = ddpo.ValueFunction(random_models.unet.config.in_channels, random_models.text_encoder.config.hidden_size)
+    value = ddpo.ValueFunction(random_models.denoiser.config.in_channels, random_models.text_encoder.config.hidden_size)
     r = torch.tensor([1.0, 2.0, 4.0])
     unfitted, _ = ddpo.value_advantages(value, traj, r, args)  # V_φ = 0 until fitted: the batch advantages, every step
     batch, _ = ddpo.compute_advantages(None, ["a"] * 3, r, small_args("--advantage", "batch", "--adv-clip", "100"))
@@ -732,7 +731,7 @@ def test_value_advantages_are_per_step_and_normalised(random_models):
     torch.nn.init.normal_(value.head[-1].weight)  # a V_φ that varies with the state
     advantages, logs = ddpo.value_advantages(value, traj, r, args)
     with torch.no_grad():
-        v = torch.stack([value(traj.states[:, j], traj.timesteps[j].expand(3), traj.cond) for j in range(4)], 1)
+        v = torch.stack([value(traj.states[:, j], traj.timesteps[j].expand(3), traj.cond["encoder_hidden_states"]) for j in range(4)], 1)
     delta = r[:, None] - v  # (B, T): each step has its own baseline V(s_t)
     torch.testing.assert_close(advantages, (delta - delta.mean()) / delta.std(unbiased=False), rtol=1e-4, atol=1e-4)
     assert logs["value/loss"] == pytest.approx(delta.pow(2).mean().item(), rel=1e-5)
@@ -914,7 +913,7 @@ def test_sampling_equals_stable_diffusion_pipeline_on_the_same_noise(model, rand
     """The latent path end to end against diffusers' own StableDiffusionPipeline on the same model, prompts and
     noise: the prompt encoding and the empty prompt's, the guidance pair, the DDIM step at η = 1 and the VAE decode
     of x_0 / scaling_factor. On the shipped model also: it loads in diffusers unchanged and draws the toy world."""
-    path = ddpo.TINY_MODEL if model == "tiny" else random_model_dir
+    path = ddpo.TINY_MODELS["tiny"] if model == "tiny" else random_model_dir
     args = ddpo.parse_args(["--num-steps", "6", "--guidance-scale", "3"])
     prompts = ["a cat", "a dog riding a bike", "tench", "goldfish"]
     _, images = ddpo.sample(ddpo.load_models(str(path), "cpu"), prompts, args, ddpo.noise_generators(0, range(4)), 4)
@@ -966,7 +965,7 @@ def test_a_pipeline_without_a_vae_is_one_line_naming_what_is_missing(tmp_path, m
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "vae"}))
     line = main_error(*SHORT_RUN, "--model", str(folder), "--out-dir", str(tmp_path / "runs"))
-    assert line == (f"error: model {folder} has no vae: it needs a Stable Diffusion-style pipeline's unet, vae, "
+    assert line == (f"error: model {folder} has no vae: it needs a StableDiffusionPipeline's unet, vae, "
                     f"text_encoder, tokenizer, scheduler")
     assert not (tmp_path / "runs").exists()
 
@@ -995,7 +994,7 @@ def test_cli_one_epoch_each_algorithm(tmp_path, algo, extra):
     assert ("--kl-coef" in extra) == ("losses/kl" in row) and ("value" in extra) == ("value/loss" in row)
     assert Image.open(run / "grid_001.png").size == (512, 2 * 142) and (run / "reward_curve.png").is_file()
     tuned, base = ddpo.load_models(str(run), "cpu"), ddpo.load_models("tiny", "cpu")  # a run folder is a model
-    changed = [not torch.equal(p, q) for p, q in zip(tuned.unet.parameters(), base.unet.parameters())]
+    changed = [not torch.equal(p, q) for p, q in zip(tuned.denoiser.parameters(), base.denoiser.parameters())]
     assert any(changed)
 
 
@@ -1009,7 +1008,7 @@ def test_cli_same_seed_same_results_and_lr_zero_changes_nothing(tmp_path):
     assert strip(a) == strip(b)
     ddpo.main([*common, "--run-name", "frozen", "--lr", "0"])
     frozen, base = ddpo.load_models(str(tmp_path / "frozen"), "cpu"), ddpo.load_models("tiny", "cpu")
-    assert all(torch.equal(p, q) for p, q in zip(frozen.unet.parameters(), base.unet.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(frozen.denoiser.parameters(), base.denoiser.parameters()))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1125,7 +1124,7 @@ def test_empty_prompt_file_is_an_error(tmp_path, main_error):
 
 
 FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume
-device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta guidance-scale advantage buffer-size min-count
+device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta noise-level guidance-scale advantage buffer-size min-count
 adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
 rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
 pickscore-processor imagereward-model imagereward-tokenizer""".split()
@@ -1230,7 +1229,7 @@ def test_a_model_folder_with_a_damaged_bin_weights_file_names_the_file(tmp_path,
     UNet2DConditionModel.from_pretrained(unet).save_pretrained(unet, safe_serialization=False)
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     weights = unet / "diffusion_pytorch_model.bin"
-    assert ddpo.load_models(str(tmp_path / "m"), "cpu").unet is not None  # the whole .bin loads
+    assert ddpo.load_models(str(tmp_path / "m"), "cpu").denoiser is not None  # the whole .bin loads
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(SystemExit, match=f"cannot load model folder {tmp_path / 'm'}: weights file {weights} is damaged"):
         ddpo.load_models(str(tmp_path / "m"), "cpu")

@@ -35,11 +35,13 @@ CASES = {
     # DPOK's KL and value baseline
     "dpok": ["--algo", "is", "--num-minibatches", "2", "--advantage", "value", "--kl-coef", "0.5", "--value-steps", "2",
              "--value-lr", "1e-2"],
+    # Flow-GRPO: the tiny flow model's SDE policy, with DPOK's KL
+    "flow": ["--model", "tiny-flow", "--algo", "is", "--num-minibatches", "2", "--kl-coef", "0.5"],
 }
 
 
 def flat_weights(models):
-    return torch.cat([p.detach().flatten() for p in models.unet.parameters() if p.requires_grad]).clone()
+    return torch.cat([p.detach().flatten() for p in models.denoiser.parameters() if p.requires_grad]).clone()
 
 
 def probe(records):

@@ -67,8 +67,8 @@ def test_sd_pipeline_trains_with_each_algorithm(sd_dir, tmp_path, monkeypatch, a
         assert len(seen) == 4 and all(kl < 1e-12 and cf == 0 for _, kl, cf in seen[:2]), seen
     base = ddpo.load_models(str(sd_dir), "cpu")
     tuned = ddpo.load_models(str(run), "cpu")  # the run folder: base model + its checkpoint
-    base_params = dict(base.unet.named_parameters())
-    changed = {n.replace(".base_layer", "") for n, p in tuned.unet.named_parameters() if "lora_" not in n
+    base_params = dict(base.denoiser.named_parameters())
+    changed = {n.replace(".base_layer", "") for n, p in tuned.denoiser.named_parameters() if "lora_" not in n
                and not torch.equal(p, base_params[n.replace(".base_layer", "")])}
     # fp16's loss scaler skips a step whose gradients overflowed (its first steps, at scale 2^16, often do); a
     # run whose only step was skipped must leave every weight as it was
@@ -76,7 +76,7 @@ def test_sd_pipeline_trains_with_each_algorithm(sd_dir, tmp_path, monkeypatch, a
     updated = row.get("losses/skipped", 0.0) < 1.0
     if lora_rank == "4":  # only the adapter trains (lora_B starts at 0); the base weights stay the pretrained ones
         assert not changed
-        assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.unet.named_parameters()) == updated
+        assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.denoiser.named_parameters()) == updated
     else:
         assert bool(changed) == updated
 
@@ -84,17 +84,17 @@ def test_sd_pipeline_trains_with_each_algorithm(sd_dir, tmp_path, monkeypatch, a
 def test_lora_adapter_off_gives_the_base_model_exactly(sd_dir):
     base = ddpo.load_models(str(sd_dir), "cpu")
     lora = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4)
-    trainable = [n for n, p in lora.unet.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in lora.denoiser.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 20])
     cond = ddpo.encode_prompts(base, ["cat", "dog"])
     with torch.no_grad():
-        for p in (p for n, p in lora.unet.named_parameters() if "lora_B" in n):
+        for p in (p for n, p in lora.denoiser.named_parameters() if "lora_B" in n):
             p.normal_()  # a trained adapter: lora_B starts at zero, so make it non-zero
-        expected = base.unet(x, t, cond).sample
-        assert not torch.equal(lora.unet(x, t, cond).sample, expected)
-        lora.unet.disable_adapters()
-        assert torch.equal(lora.unet(x, t, cond).sample, expected)
+        expected = base.denoiser(x, t, **cond).sample
+        assert not torch.equal(lora.denoiser(x, t, **cond).sample, expected)
+        lora.denoiser.disable_adapters()
+        assert torch.equal(lora.denoiser(x, t, **cond).sample, expected)
 
 
 def test_dpok_kl_under_lora_is_to_the_base_model_loaded_on_its_own(sd_dir):
@@ -106,10 +106,10 @@ def test_dpok_kl_under_lora_is_to_the_base_model_loaded_on_its_own(sd_dir):
     base.scheduler.set_timesteps(3)
     traj = ddpo.rollout(lora, ["cat", "dog"], args, ddpo.noise_generators(1, range(2)))
     uncond, rows, steps = ddpo.encode_prompts(lora, [""]), torch.arange(2), torch.tensor([0, 2])
-    state = (traj.states[rows, steps], traj.timesteps[steps], traj.cond, uncond.expand(2, -1, -1), args.guidance_scale, args.eta)
+    state = (traj.states[rows, steps], traj.timesteps[steps], traj.cond, ddpo.repeat(uncond, 2), args.guidance_scale, args.eta)
     with torch.no_grad():
         assert ddpo.rescore(lora, traj, rows, steps, uncond, args)[1].tolist() == [0.0, 0.0]
-        for p in (p for n, p in lora.unet.named_parameters() if "lora_B" in n):
+        for p in (p for n, p in lora.denoiser.named_parameters() if "lora_B" in n):
             p.normal_(std=0.1)
         torch.testing.assert_close(ddpo.pretrained_mean(lora, *state), ddpo.policy(base, *state)[0])
         mean, sigma_t = ddpo.policy(lora, *state)  # the adapter is on again
@@ -121,7 +121,7 @@ def test_dpok_kl_under_lora_is_to_the_base_model_loaded_on_its_own(sd_dir):
 
 def test_lora_weights_are_fp32_over_a_bf16_base(sd_dir):
     models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="bf16")
-    dtypes = {n: p.dtype for n, p in models.unet.named_parameters()}
+    dtypes = {n: p.dtype for n, p in models.denoiser.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     assert models.text_encoder.dtype == models.vae.dtype == torch.bfloat16
@@ -133,7 +133,7 @@ def test_ratio_is_one_at_the_first_minibatch_under_mixed_precision(sd_dir, preci
     args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "3", "--mixed-precision", precision])
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(1, range(4)))
     assert traj.states.dtype == traj.log_probs.dtype == torch.float32 and traj.states.shape == (4, 4, 4, 8, 8)
-    uncond = ddpo.encode_prompts(models, [""]).expand(4, -1, -1)
+    uncond = ddpo.repeat(ddpo.encode_prompts(models, [""]), 4)
     with torch.no_grad():
         for j in range(3):
             for rows in (torch.arange(4), torch.tensor([1, 3]), torch.tensor([2])):
@@ -149,13 +149,13 @@ def one_round(sd_dir, scaler, optimizer_cls=torch.optim.SGD, hook=None, max_grad
     args = ddpo.parse_args(["--model", str(sd_dir), "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
                             "--num-minibatches", "1", "--max-grad-norm", max_grad_norm, *extra])
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(1, range(4)))
-    params = [p for p in models.unet.parameters() if p.requires_grad]
+    params = [p for p in models.denoiser.parameters() if p.requires_grad]
     if hook:
         params[0].register_hook(hook)
     before = [p.detach().clone() for p in params]
     logs = ddpo.train_round(models, optimizer_cls(params, lr=1.0), traj, torch.tensor([1.0, -1.0, 0.5, -0.5]),
                             torch.zeros(4), args, torch.Generator().manual_seed(2),
-                            ddpo.encode_prompts(models, [""]).expand(4, -1, -1), scaler)
+                            ddpo.repeat(ddpo.encode_prompts(models, [""]), 4), scaler)
     return before, [p.detach() for p in params], logs
 
 
@@ -206,7 +206,7 @@ def test_under_fp16_a_process_holding_no_sample_of_a_minibatch_still_steps(sd_di
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     g = torch.Generator().manual_seed(5)
     models = ddpo.load_models(str(sd_dir), "cpu", lora_rank=4, mixed_precision="fp16")
-    params = [p for p in models.unet.parameters() if p.requires_grad]
+    params = [p for p in models.denoiser.parameters() if p.requires_grad]
     g_sum = [1e-4 * torch.randn(p.shape, generator=g) for p in params]  # the processes' summed (unscaled) gradient
     g_norm = torch.cat([x.flatten() for x in g_sum]).norm().item()
     assert g_norm < 0.1  # below --max-grad-norm 1: no clipping
@@ -225,7 +225,7 @@ def test_under_fp16_a_process_holding_no_sample_of_a_minibatch_still_steps(sd_di
     before = [p.detach().clone() for p in params]
     logs = ddpo.train_round(models, torch.optim.SGD(params, lr=1.0), traj, torch.zeros(4),
                             torch.tensor([1.0, 0.0, 0.5, 2.0]), args, torch.Generator().manual_seed(2),
-                            ddpo.encode_prompts(models, [""]).expand(2, -1, -1), scaler)
+                            ddpo.repeat(ddpo.encode_prompts(models, [""]), 2), scaler)
     assert logs["skipped"] == 0, "a step was skipped"
     assert logs["grad_norm"] == pytest.approx(g_norm, rel=1e-5)
     for p, b, x in zip(params, before, g_sum):
@@ -292,13 +292,13 @@ def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, 
 
 
 # The tiny UNet's size (1.4M weights, about 50 ms a checkpoint) without its import: the writer process needs only
-# torch and ddpo, not diffusers (10 s a process). save_checkpoint reads nothing but models.unet's parameters.
+# torch and ddpo, not diffusers (10 s a process). save_checkpoint reads nothing but models.denoiser's parameters.
 STAND_IN_UNET = "torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(340)))"
 CHECKPOINT_WRITER = f"""
 import random, sys, types, torch, checkpoints, ddpo
 run = sys.argv[1]
-models = types.SimpleNamespace(unet={STAND_IN_UNET})
-params = list(models.unet.parameters())
+models = types.SimpleNamespace(denoiser={STAND_IN_UNET})
+params = list(models.denoiser.parameters())
 optimizer, tracker, rng, generator = torch.optim.AdamW(params), ddpo.PerPromptStatTracker(16, 4), random.Random(0), torch.Generator()
 start = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run), models, optimizer, tracker, rng, generator) if checkpoints.checkpoints(run) else 0
 for epoch in range(start + 1, 10**6):
@@ -330,8 +330,8 @@ def test_a_checkpointing_process_killed_with_sigkill_always_leaves_a_whole_check
         writer.kill()
         writer.wait()
         killed_mid_write += any((run / "checkpoints").glob("*.tmp"))
-        models = types.SimpleNamespace(unet=eval(STAND_IN_UNET))
-        params = list(models.unet.parameters())
+        models = types.SimpleNamespace(denoiser=eval(STAND_IN_UNET))
+        params = list(models.denoiser.parameters())
         latest = checkpoints.latest_checkpoint(run)
         epoch = checkpoints.load_checkpoint(latest, models, torch.optim.AdamW(params), ddpo.PerPromptStatTracker(16, 4),
                                      random.Random(0), torch.Generator())
@@ -621,11 +621,11 @@ def test_export_loads_in_diffusers_pipelines_with_the_runs_unet(sd_dir, tmp_path
     the built-in tiny model as on a random SD-style pipeline."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-    base_dir = ddpo.TINY_MODEL if model == "tiny" else sd_dir
+    base_dir = ddpo.TINY_MODELS["tiny"] if model == "tiny" else sd_dir
     ddpo.main(train_argv(model if model == "tiny" else sd_dir, tmp_path, "run", "--lora-rank", lora_rank, "--lr", "1e-2"))
     export.main([str(tmp_path / "run"), str(tmp_path / "out")])
-    ours = unet_outputs(ddpo.load_models(str(tmp_path / "run"), "cpu").unet)
-    base = unet_outputs(ddpo.load_models(str(base_dir), "cpu").unet)
+    ours = unet_outputs(ddpo.load_models(str(tmp_path / "run"), "cpu").denoiser)
+    base = unet_outputs(ddpo.load_models(str(base_dir), "cpu").denoiser)
     assert (ours - base).abs().max() > 1e-4  # the run did change the UNet
     if lora_rank == "4":
         from safetensors import safe_open

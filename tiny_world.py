@@ -19,6 +19,11 @@ latents of the world as it is drawn. Normal use never runs this file: tiny_model
 To rebuild it (the same seed on the same machine and thread count gives the same files):
 
     python tiny_world.py --seed 0 --out tiny_model    # both stages: 17 min on 2 CPU cores (measured)
+    python tiny_world.py --flow --seed 0 --out tiny_flow_model   # the tiny flow model on tiny_model's VAE: MIN min
+
+The tiny flow model (tiny_flow_model/) is the same world for Flow-GRPO: a StableDiffusion3Pipeline whose
+SD3Transformer2DModel (joint attention over 16 image and 16 text tokens) and two CLIP text encoders learn stage 2
+with the flow-matching loss (ddpo.flow_matching_loss) on the frozen VAE of tiny_model/; it has no T5.
     python tiny_world.py --reward-range               # the two JPEG rewards' reference points (under a minute)
     python tiny_world.py --ddpm-loss                  # the DDPM loss on the model's own samples and on the world's
 """
@@ -165,9 +170,84 @@ def save_pipeline(models, folder):
 
     with files.atomic_folder(folder) as tmp:
         StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                                unet=models.unet, scheduler=models.scheduler, safety_checker=None,
+                                unet=models.denoiser, scheduler=models.scheduler, safety_checker=None,
                                 feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp)
     return Path(folder)
+
+
+def flow_scheduler(shift=1.0):
+    """Stable Diffusion 3's FlowMatchEulerDiscreteScheduler, with a fixed shift (SD3's: 3.0; the tiny flow model's
+    1.0, its 8x8 latents being far fewer than SD3's 128x128, and SD3 shifts less the smaller the image)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def build_flow_models(tokenizer, vae, width=64, layers=4, heads=4, patch_size=2, shift=1.0):
+    """A random-init StableDiffusion3Pipeline on the VAE's latents, as ddpo.Models: an SD3Transformer2DModel (joint
+    attention over image and text tokens, `heads` heads of width/heads), two CLIPTextModelWithProjection of hidden
+    size `width` (encode_prompt puts their states side by side: joint_attention_dim 2·width) and no T5."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    latent = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=patch_size, in_channels=vae.config.latent_channels, num_layers=layers,
+        attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * width,
+        caption_projection_dim=width, pooled_projection_dim=2 * width, out_channels=vae.config.latent_channels,
+        pos_embed_max_size=latent // patch_size)
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, projection_dim=width, max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        for _ in range(2)]
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=flow_scheduler(shift), vae=vae,
+                                    text_encoder=clips[0], tokenizer=tokenizer, text_encoder_2=clips[1],
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    return ddpo.Models(transformer, clips[0], tokenizer, pipe.scheduler, vae, device="cpu", pipeline=pipe)
+
+
+def save_flow_pipeline(models, folder):
+    """A flow model's StableDiffusion3Pipeline folder (save_pretrained), written to folder.tmp and renamed whole."""
+    with files.atomic_folder(folder) as tmp:
+        models.pipeline.save_pretrained(tmp)
+    return Path(folder)
+
+
+def save_sd3_style_pipeline(path, sd35m_shapes=False):
+    """A StableDiffusion3Pipeline folder with random weights, for the tests and bench.py (no hub download): 16x16
+    images with 4x8x8 latents and shift 3 (SD3's), or with sd35m_shapes Stable Diffusion 3.5 Medium's transformer,
+    VAE and CLIP text encoders (T5 left out: 4.7B parameters, and it only adds text tokens)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    if not sd35m_shapes:
+        vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                            norm_num_groups=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's
+        return save_flow_pipeline(build_flow_models(build_tokenizer(all_prompts()), vae, width=16, layers=2,
+                                                    heads=2, shift=3.0), path)
+    from diffusers import StableDiffusion3Pipeline
+
+    tokenizer = build_tokenizer(all_prompts(), max_length=77)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2,
+                        sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    clips = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, projection_dim=hidden, max_position_embeddings=77, hidden_act="gelu",
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)) for hidden, layers in ((768, 12), (1280, 32))]
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=flow_scheduler(3.0), vae=vae, text_encoder=clips[0],
+                                    tokenizer=tokenizer, text_encoder_2=clips[1], tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)
+    with files.atomic_folder(path) as tmp:
+        pipe.save_pretrained(tmp)
+    return Path(path)
 
 
 def save_sd_style_pipeline(path, sd14_shapes=False):
@@ -235,25 +315,29 @@ def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1
     return vae
 
 
-def pretrain_unet(models, steps, rng, generator, batch_size=64, lr=1e-3, p_uncond=0.1):
-    """Stage 2: the UNet and the text encoder on the world's latents (the frozen VAE's posterior samples, scaled),
-    with the DDPM loss; an EMA of the weights is what is saved."""
+def pretrain_denoiser(models, steps, rng, generator, batch_size=64, lr=1e-3, p_uncond=0.1):
+    """Stage 2: the denoiser and the text encoder(s) on the world's latents (the frozen VAE's posterior samples,
+    scaled), with the DDPM loss (the UNet) or the flow-matching loss (the flow transformer); an EMA of the weights
+    is what is saved."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     prompts = all_prompts()
-    params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
-    models.text_encoder.train()
+    encoders = [models.text_encoder] + ([models.pipeline.text_encoder_2] if models.flow else [])
+    params = list(models.denoiser.parameters()) + [p for e in encoders for p in e.parameters()]
+    loss_fn = ddpo.flow_matching_loss if models.flow else ddpo.ddpm_loss
+    for encoder in encoders:
+        encoder.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=min(100, steps // 10), num_training_steps=steps)
     ema = EMAModel(params, decay=0.999)  # averaged weights sample much cleaner after a short training
-    bar = tqdm(range(steps), desc="stage 2: UNet")
+    bar = tqdm(range(steps), desc=f"stage 2: {type(models.denoiser).__name__}")
     for _ in bar:
         batch = [("" if rng.random() < p_uncond else prompts[rng.integers(len(prompts))]) for _ in range(batch_size)]
         with torch.no_grad():
             x0 = models.vae.encode(draw_batch(batch, rng)).latent_dist.sample(generator) * models.vae.config.scaling_factor
-        loss = ddpo.ddpm_loss(models, x0, ddpo.encode_prompts(models, batch),
-                              *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
+        loss = loss_fn(models, x0, ddpo.encode_prompts(models, batch),
+                       *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -262,7 +346,8 @@ def pretrain_unet(models, steps, rng, generator, batch_size=64, lr=1e-3, p_uncon
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
-    models.text_encoder.eval()
+    for encoder in encoders:
+        encoder.eval()
     return models
 
 
@@ -275,9 +360,26 @@ def build(seed, out, vae_steps=1500, unet_steps=4000):
     vae = pretrain_vae(build_vae(), vae_steps, rng, generator)
     models = build_models(build_tokenizer(all_prompts()), vae)
     print(f"VAE scaling factor {vae.config.scaling_factor:.4f}; UNet "
-          f"{sum(p.numel() for p in models.unet.parameters()):,} parameters, vocabulary {len(models.tokenizer)}")
-    pretrain_unet(models, unet_steps, rng, generator)
+          f"{sum(p.numel() for p in models.denoiser.parameters()):,} parameters, vocabulary {len(models.tokenizer)}")
+    pretrain_denoiser(models, unet_steps, rng, generator)
     save_pipeline(models, out)
+    print(f"saved {out}")
+
+
+def build_flow(seed, out, steps=5000, vae="tiny_model"):
+    """The tiny flow model: the tiny model's VAE (frozen, stage 1 is not repeated), then stage 2 with the flow-matching
+    loss on a fresh transformer and text encoders, saved as a StableDiffusion3Pipeline folder."""
+    from diffusers import AutoencoderKL
+
+    model_checks.quiet_libraries()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    models = build_flow_models(build_tokenizer(all_prompts()), AutoencoderKL.from_pretrained(vae, subfolder="vae"))
+    models.vae.requires_grad_(False).eval()
+    print(f"transformer {sum(p.numel() for p in models.denoiser.parameters()):,} parameters, VAE of {vae}")
+    pretrain_denoiser(models, steps, rng, generator)
+    save_flow_pipeline(models, out)
     print(f"saved {out}")
 
 
@@ -312,18 +414,21 @@ def pictures(prompts, seed, strength=None):
 def reward_range(n=64, seed=0, model="tiny"):
     """The two JPEG rewards' reference points, with the training prompts (the jpeg rewards' default set): the world
     as drawn, the same pictures with flat backgrounds (the flattest end: shapes kept) and with the busiest tiles
-    (s = 1, the busiest end), each through the VAE and the last DDIM step's noise (η = 1, the default T)."""
+    (s = 1, the busiest end), each through the VAE and the last step's noise (the default T; DDIM's at η = 1, or
+    the flow SDE's at a = 0.7). A flow model's VAE (tiny-flow's is tiny_model's) gives the same pictures."""
     model_checks.quiet_libraries()
     models = ddpo.load_models(model, "cpu")
     args = ddpo.parse_args(["--reward", "jpeg"])
     models.scheduler.set_timesteps(args.num_steps)
-    shape = (1, models.unet.config.in_channels, models.unet.config.sample_size, models.unet.config.sample_size)
+    shape = (1, models.denoiser.config.in_channels, models.denoiser.config.sample_size, models.denoiser.config.sample_size)
     t = models.scheduler.timesteps[-1:]
-    sigma = ddpo.ddim_step(models.scheduler, torch.zeros(shape), torch.zeros(shape), t, args.eta)[1].item()
+    step = ddpo.flow_sde_step if models.flow else ddpo.ddim_step
+    sigma = step(models.scheduler, torch.zeros(shape), torch.zeros(shape), t, ddpo.noise_scale(models, args))[1].item()
     prompts = training_prompts(n, seed)
     generator = torch.Generator().manual_seed(seed)
-    print(f"{n} pictures of prompts from {rewards.DEFAULT_PROMPTS[args.reward]}; the last DDIM step's σ at T = "
-          f"{args.num_steps}, η = {args.eta:g}: {sigma:.4f} (in the scaled latent space)")
+    noise = f"a = {args.noise_level:g}" if models.flow else f"η = {args.eta:g}"
+    print(f"{n} pictures of prompts from {rewards.DEFAULT_PROMPTS[args.reward]}; the last step's σ at T = "
+          f"{args.num_steps}, {noise}: {sigma:.4f} (in the scaled latent space)")
     print("JPEG kB (quality 95): as drawn | VAE reconstruction | VAE + the last step's noise (as the reward sees them)")
     rows = {"the world as drawn": None, "flattest end: flat backgrounds, shapes kept": 0.0,
             "busiest end: the busiest tiles (s = 1)": 1.0}
@@ -364,6 +469,9 @@ if __name__ == "__main__":
     p.add_argument("--out", default="tiny_model", help="output folder (StableDiffusionPipeline.save_pretrained)")
     p.add_argument("--vae-steps", type=int, default=1500, help="stage 1: VAE optimizer steps of batch 64")
     p.add_argument("--unet-steps", type=int, default=4000, help="stage 2: UNet optimizer steps of batch 64")
+    p.add_argument("--flow", action="store_true", help="build the tiny flow model instead (stage 2 only, on "
+                   "tiny_model's VAE, with the flow-matching loss); --flow-steps optimizer steps of batch 64")
+    p.add_argument("--flow-steps", type=int, default=5000, help="with --flow: the transformer's optimizer steps")
     p.add_argument("--reward-range", action="store_true", help="print the JPEG sizes of the world's pictures, with "
                    "flat and with the busiest backgrounds, as the reward sees them (VAE + last-step noise), and exit")
     p.add_argument("--ddpm-loss", action="store_true", help="print the DDPM loss of --model on its own samples and on "
@@ -374,5 +482,7 @@ if __name__ == "__main__":
         reward_range(seed=a.seed, model=a.model)
     elif a.ddpm_loss:
         ddpm_loss_gap(seed=a.seed, model=a.model)
+    elif a.flow:
+        build_flow(a.seed, a.out if a.out != "tiny_model" else "tiny_flow_model", a.flow_steps)
     else:
         build(a.seed, a.out, a.vae_steps, a.unet_steps)
