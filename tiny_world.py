@@ -19,7 +19,7 @@ latents of the world as it is drawn. Normal use never runs this file: tiny_model
 To rebuild it (the same seed on the same machine and thread count gives the same files):
 
     python tiny_world.py --seed 0 --out tiny_model    # both stages: 17 min on 2 CPU cores (measured)
-    python tiny_world.py --flow --seed 0 --out tiny_flow_model   # the tiny flow model on tiny_model's VAE: MIN min
+    python tiny_world.py --flow --seed 0 --out tiny_flow_model   # the tiny flow model on tiny_model's VAE: 15 min
 
 The tiny flow model (tiny_flow_model/) is the same world for Flow-GRPO: a StableDiffusion3Pipeline whose
 SD3Transformer2DModel (joint attention over 16 image and 16 text tokens) and two CLIP text encoders learn stage 2
