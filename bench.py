@@ -48,8 +48,8 @@ def plain_diffusers_loop(models, prompts, args, generator):
     FlowMatchEulerDiscreteScheduler.step, the flow's ODE); no log-probs, no stored trajectory."""
     sched = models.scheduler
     sched.set_timesteps(args.num_steps)
-    cond = ddpo.encode_prompts(models, prompts)
-    both = {k: torch.cat([ddpo.repeat(ddpo.encode_prompts(models, [""]), len(prompts))[k], v]) for k, v in cond.items()}
+    cond, uncond = ddpo.encode_prompts(models, prompts), ddpo.repeat(ddpo.encode_prompts(models, [""]), len(prompts))
+    both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
     size, ch = models.denoiser.config.sample_size, models.denoiser.config.in_channels
     x = torch.randn((len(prompts), ch, size, size), generator=generator).to(models.device)
     for t in sched.timesteps:

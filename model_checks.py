@@ -67,15 +67,16 @@ def mismatched_components(models):
     """Why a pipeline's components cannot work together, or None: the denoiser must take the VAE's latents (channels,
     and the VAE's image size divided by its downsampling), the text encoders' states must be the size its attention
     takes (SD3: their pooled embeddings too), and every token id must be one the text encoder has."""
-    if models.flow:
-        return mismatched_flow_components(models)
     unet, vae, text = models.denoiser.config, models.vae.config, models.text_encoder.config
+    name = "transformer" if models.flow else "UNet"
     factor = 2 ** (len(vae.block_out_channels) - 1)  # each VAE level but the last halves the image
     if vae.latent_channels != unet.in_channels:
-        return f"its VAE has {vae.latent_channels} latent channels and its UNet takes {unet.in_channels} input channels"
+        return f"its VAE has {vae.latent_channels} latent channels and its {name} takes {unet.in_channels} input channels"
     if unet.sample_size * factor != vae.sample_size:
-        return (f"its UNet's sample size {unet.sample_size} is not its VAE's image size {vae.sample_size} divided by "
+        return (f"its {name}'s sample size {unet.sample_size} is not its VAE's image size {vae.sample_size} divided by "
                 f"the VAE's downsampling {factor} ({vae.sample_size / factor:g})")
+    if models.flow:
+        return mismatched_flow_text(models)
     if text.hidden_size != unet.cross_attention_dim:
         return (f"its text encoder's hidden size {text.hidden_size} is not its UNet's cross-attention size "
                 f"{unet.cross_attention_dim}")
@@ -137,18 +138,12 @@ def quiet_libraries():
 
 
 
-def mismatched_flow_components(models):
-    """mismatched_components for a StableDiffusion3Pipeline: the transformer and the VAE as for a UNet; the two CLIPs'
-    token states, side by side, at most its joint attention's width (encode_prompt pads them to it), T5's exactly
-    it; their pooled embeddings side by side its pooled projection's width."""
-    pipe, net, vae = models.pipeline, models.denoiser.config, models.vae.config
-    factor = 2 ** (len(vae.block_out_channels) - 1)
+def mismatched_flow_text(models):
+    """mismatched_components' text checks for a StableDiffusion3Pipeline: the two CLIPs' token states, side by side,
+    at most its joint attention's width (encode_prompt pads them to it), T5's exactly it; their pooled embeddings
+    side by side its pooled projection's width."""
+    pipe, net = models.pipeline, models.denoiser.config
     clips = [pipe.text_encoder.config, pipe.text_encoder_2.config]
-    if vae.latent_channels != net.in_channels:
-        return f"its VAE has {vae.latent_channels} latent channels and its transformer takes {net.in_channels}"
-    if net.sample_size * factor != vae.sample_size:
-        return (f"its transformer's sample size {net.sample_size} is not its VAE's image size {vae.sample_size} divided "
-                f"by the VAE's downsampling {factor}")
     if sum(c.hidden_size for c in clips) > net.joint_attention_dim:
         return (f"its CLIP text encoders' hidden sizes {' + '.join(str(c.hidden_size) for c in clips)} exceed its "
                 f"transformer's joint_attention_dim {net.joint_attention_dim}")
