@@ -3,7 +3,7 @@
     python bench.py --rounds                # ddpo.py's default rounds: the built-in model against the pixel-space one
     python bench.py                         # the tiny model and a tiny SD-style pipeline, on this machine
     python bench.py --models sd14 --device cuda --mixed-precision fp16 --lora-rank 4 --batch-size 1
-    python bench.py --models sd35m --device cuda --mixed-precision bf16 --lora-rank 32 --batch-size 1 --num-steps 10
+    python bench.py --models sd35m --device cuda --mixed-precision bf16 --lora-rank 32 --batch-size 1 --num-steps 10 --resolution 512
     python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
     python bench.py --processes 1,2                 # whole epochs of ddpo.py by 1 and 2 processes (torchrun)
 
@@ -50,8 +50,7 @@ def plain_diffusers_loop(models, prompts, args, generator):
     sched.set_timesteps(args.num_steps)
     cond, uncond = ddpo.encode_prompts(models, prompts), ddpo.repeat(ddpo.encode_prompts(models, [""]), len(prompts))
     both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
-    size, ch = models.denoiser.config.sample_size, models.denoiser.config.in_channels
-    x = torch.randn((len(prompts), ch, size, size), generator=generator).to(models.device)
+    x = torch.randn((len(prompts), *ddpo.latent_shape(models, args.resolution)), generator=generator).to(models.device)
     for t in sched.timesteps:
         eps_u, eps_c = ddpo.denoise(models, torch.cat([x, x]), t.expand(2 * len(x)).to(x.device), both).float().chunk(2)
         eps = eps_u + args.guidance_scale * (eps_c - eps_u)
@@ -98,13 +97,16 @@ def timed(fn, device):
 def bench(name, path, opts):
     argv = ["--model", path, "--device", opts.device, "--mixed-precision", opts.mixed_precision, "--num-steps",
             str(opts.num_steps), "--samples-per-epoch", str(opts.batch_size), "--samples-per-prompt", str(opts.batch_size),
-            "--sample-batch-size", str(opts.batch_size), "--train-batch-size", str(opts.batch_size), "--num-minibatches", "1", "--algo", "is"]
+            "--sample-batch-size", str(opts.batch_size), "--train-batch-size", str(opts.batch_size), "--num-minibatches", "1", "--algo", "is",
+            "--resolution", str(opts.resolution)]
     if opts.lora_rank is not None:
         argv += ["--lora-rank", str(opts.lora_rank)]
     args = ddpo.parse_args(argv)
     cuda = args.device.startswith("cuda")
     reset_peak(cuda)
     models = ddpo.load_models(path, args.device, args.lora_rank, args.mixed_precision)
+    if problem := model_checks.resolution_problem(models, args.resolution):
+        sys.exit(f"cannot bench {name}: its {problem}")
     reward_fn = ddpo.load_reward(args)
     prompts = random.Random(0).choices(ddpo.load_prompts(args.prompts), k=opts.batch_size)
     optimizer = torch.optim.AdamW([p for p in models.denoiser.parameters() if p.requires_grad], lr=1e-6)
@@ -131,7 +133,8 @@ def bench(name, path, opts):
     peak = (f"{'GPU' if cuda else 'RSS'} {loaded:.2f} GiB loading, {sampling_peak:.2f} sampling, "
             f"{peak_gib(cuda):.2f} training")
     round_s = ours + reward_s + train_s
-    print(f"{name:8s} | batch {opts.batch_size}, {args.num_steps} steps, LoRA {args.lora_rank}, {args.mixed_precision} | "
+    side = args.resolution or models.vae.config.sample_size  # the VAE's image size: the model's own
+    print(f"{name:8s} | {side}x{side}, batch {opts.batch_size}, {args.num_steps} steps, LoRA {args.lora_rank}, {args.mixed_precision} | "
           f"round {round_s:.2f} s = sampling {ours:.2f} + reward {reward_s:.3f} + training {train_s:.2f} | "
           f"{opts.batch_size / round_s:.2f} samples/s | peak {peak} | rollout / plain diffusers loop {ours / plain:.3f}x")
 
@@ -213,6 +216,7 @@ def main():
     p.add_argument("--lora-rank", type=int, default=None, help="default: ddpo.py's (0 for tiny, 4 otherwise)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-steps", type=int, default=20)
+    p.add_argument("--resolution", type=int, default=0, help="image side in pixels; default: each model's own")
     p.add_argument("--repeats", type=int, help="rollouts timed per loop (default 5), or with --rounds runs of each "
                                                 "checkout (default 2), alternating; the fastest is printed")
     p.add_argument("--processes", help="comma-separated process counts, e.g. 1,2: time ddpo.py's epochs under torchrun "
@@ -231,14 +235,15 @@ def main():
     if opts.processes:
         return bench_processes([int(n) for n in opts.processes.split(",")], opts)
     for name in opts.models.split(","):
-        if name in RANDOM_MODELS:  # random weights with the real shapes: built here, so this process's peak includes the build
-            path = RANDOM_MODELS[name](Path(opts.save_to or tempfile.mkdtemp()) / name)
+        if name not in RANDOM_MODELS:
+            bench(Path(name).name, name, opts)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # random weights with the real shapes (SD3.5-M's: 10 GB), removed after
+            path = RANDOM_MODELS[name](Path(opts.save_to or tmp) / name)  # built here: this process's peak includes the build
             if opts.save_to:
                 print(f"saved {path}; measure it with: python bench.py --models {path} ...")
-                continue
-        else:
-            path = name
-        bench(Path(name).name, str(path), opts)
+            else:
+                bench(name, str(path), opts)
 
 
 if __name__ == "__main__":

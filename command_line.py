@@ -35,7 +35,7 @@ def range_problem(args):
     checks = {**{name: (getattr(args, name) > 0, "> 0") for name in positive},
               "lr": (args.lr >= 0, "≥ 0"), "rwr_beta": (args.rwr_beta >= 0, "≥ 0"), "kl_coef": (args.kl_coef >= 0, "≥ 0"),
               "value_lr": (args.value_lr >= 0, "≥ 0"), "seed": (args.seed >= 0, "≥ 0"),
-              "collective_timeout": (args.collective_timeout > 0, "> 0"),
+              "resolution": (args.resolution >= 0, "≥ 0"), "collective_timeout": (args.collective_timeout > 0, "> 0"),
               "eta": (0 < args.eta <= 1, "0 < η ≤ 1"), "noise_level": (args.noise_level > 0, "> 0"), "timestep_fraction": (0 < args.timestep_fraction <= 1, "in (0, 1]"),
               "lora_rank": (args.lora_rank is None or args.lora_rank >= 0, "≥ 0")}
     checks.update({name: (False, "finite") for name in finite

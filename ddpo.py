@@ -41,7 +41,7 @@ import rewards as rewards_lib
 from checkpoints import checkpoints, is_run, latest_checkpoint, load_trainable
 from command_line import ArgumentParser, HelpFormatter, describe, device_problem, range_problem
 from files import RunError, fail, why
-from model_checks import check_scheduler, mismatched_components, model_load_error, quiet_libraries
+from model_checks import check_scheduler, downsampling, mismatched_components, model_load_error, quiet_libraries, resolution_problem
 from pictures import save_eval_grid
 from processes import bars, clear_bars, distributed, gather, gather_objects, my_share, start_processes, sum_gradients, together
 from rewards import compute_rewards, load_prompts
@@ -96,6 +96,8 @@ class Args:
                           "above 1 the DDIM mean is undefined (paper: 1)")
     noise_level: float = arg(0.7, "a > 0, flow models' SDE noise: σ_t = a √(t / (1 − t)) (Flow-GRPO: 0.7)")
     guidance_scale: float = arg(5.0, "w, classifier-free guidance in sampling and training (paper: 5)")
+    resolution: int = arg(0, "image side in pixels, a multiple of the VAE's downsampling times the denoiser's (SD3: its "
+                             "patch size); 0 = the model's own (SD v1.4: 512, SD3.5-M: 1024; Flow-GRPO samples it at 512)")
     # --- advantages (§4.4)
     advantage: str = arg("per-prompt", "per-prompt: normalise r by each prompt's recent rewards; batch: normalise by "
                                        "the round's mean and std; value: r − V_φ(x_t, t, c), DPOK's learned baseline "
@@ -460,14 +462,19 @@ def noise_generators(seed, indices, epoch=0, stream=0):
             for i in indices]
 
 
+def latent_shape(models, resolution):
+    """x_t's shape (C, H, W): --resolution over the VAE's downsampling, or the denoiser's own sample size (0)."""
+    side = resolution // downsampling(models.vae.config) or models.denoiser.config.sample_size
+    return models.denoiser.config.in_channels, side, side
+
+
 @torch.no_grad()
 def rollout(models, prompts, args, generators) -> Trajectories:
     """Sample one trajectory per prompt, each from its own generator: x_T ~ N(0, I), then T actions a_t = x_{t-1} ~ π(· | s_t)."""
     models.scheduler.set_timesteps(args.num_steps)
     cond = encode_prompts(models, prompts)
     uncond = repeat(encode_prompts(models, [""]), len(prompts))
-    size = models.denoiser.config.sample_size
-    shape = (models.denoiser.config.in_channels, size, size)
+    shape = latent_shape(models, args.resolution)
     noise = lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(models.device)  # noqa: E731
     x_t = noise()  # ρ_0: x_T ~ N(0, I), (B, C, H, W)
     states, log_probs = [x_t], []
@@ -822,7 +829,7 @@ def train(args, reward_fn=None):
     reward_fn = reward_fn or load_reward(args)
     torch.manual_seed(args.seed)  # before the models: a LoRA adapter's initial weights are drawn while loading
     models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
-    if problem := check_scheduler(models.scheduler, args.num_steps):
+    if problem := check_scheduler(models.scheduler, args.num_steps) or resolution_problem(models, args.resolution):
         fail(f"cannot use model {args.model}: its {problem}")
     params = [p for p in models.denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)

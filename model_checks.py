@@ -63,13 +63,34 @@ def check_ddim_scheduler(scheduler, num_steps):
     return None
 
 
+def downsampling(vae_config):
+    """How many pixels a side one latent stands for: each VAE level but the last halves the image (SD: 8)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
+
+
+def resolution_problem(models, resolution):
+    """Why the denoiser cannot sample images of `resolution` pixels a side, or None (0: the model's own size). Its
+    latents are resolution / the VAE's downsampling a side; SD3's transformer also cuts them into patches, no more a
+    side than its position embedding holds (pos_embed_max_size). A UNet takes any latent size."""
+    config = models.denoiser.config
+    down = downsampling(models.vae.config)
+    unit = down * (config.patch_size if models.flow else 1)
+    if resolution % unit:
+        patch = f" times its transformer's patch size {config.patch_size}" if models.flow else ""
+        return f"VAE's downsampling {down}{patch} needs a --resolution that is a multiple of {unit}, not {resolution}"
+    if models.flow and resolution // unit > config.pos_embed_max_size:
+        return (f"transformer's position embedding holds {config.pos_embed_max_size} patches a side: --resolution "
+                f"{resolution} needs {resolution // unit} (at most {config.pos_embed_max_size * unit} pixels)")
+    return None
+
+
 def mismatched_components(models):
     """Why a pipeline's components cannot work together, or None: the denoiser must take the VAE's latents (channels,
     and the VAE's image size divided by its downsampling), the text encoders' states must be the size its attention
     takes (SD3: their pooled embeddings too), and every token id must be one the text encoder has."""
     unet, vae, text = models.denoiser.config, models.vae.config, models.text_encoder.config
     name = "transformer" if models.flow else "UNet"
-    factor = 2 ** (len(vae.block_out_channels) - 1)  # each VAE level but the last halves the image
+    factor = downsampling(vae)
     if vae.latent_channels != unet.in_channels:
         return f"its VAE has {vae.latent_channels} latent channels and its {name} takes {unet.in_channels} input channels"
     if unet.sample_size * factor != vae.sample_size:

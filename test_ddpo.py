@@ -895,17 +895,18 @@ def test_tiny_model_is_pretrained_and_prompt_conditional():
     assert sizes.std() / sizes.mean() > 0.03
 
 
-def pipeline_images(model_dir, prompts, args, generators):
+def pipeline_images(model_dir, prompts, args, generators, resolution=None):
     """StableDiffusionPipeline's own sampling of prompts on model_dir at args' T, w and η, from the x_T and the
-    per-step noise of generators (one per prompt, as ddpo.rollout draws them: x_T first, then one draw a step)."""
+    per-step noise of generators (one per prompt, as ddpo.rollout draws them: x_T first, then one draw a step), at
+    its own image size or height = width = resolution."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    unet = pipe.unet.config
-    x_T = torch.stack([torch.randn((unet.in_channels, unet.sample_size, unet.sample_size), generator=g) for g in generators])
+    unet, side = pipe.unet.config, (resolution or pipe.vae.config.sample_size) // pipe.vae_scale_factor
+    x_T = torch.stack([torch.randn((unet.in_channels, side, side), generator=g) for g in generators])
     return pipe(prompts, num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta,
-                latents=x_T, generator=generators, output_type="pt").images
+                latents=x_T, generator=generators, output_type="pt", height=resolution, width=resolution).images
 
 
 @pytest.mark.parametrize("model", ["tiny", "random"])
@@ -922,6 +923,27 @@ def test_sampling_equals_stable_diffusion_pipeline_on_the_same_noise(model, rand
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
     if model == "tiny":
         assert palette_accuracy(expected, prompts) == 1.0
+
+
+def test_resolution_samples_other_image_sizes_as_stable_diffusion_pipelines_height_and_width(random_model_dir):
+    """--resolution 48 on a 32x32 model: 12x12 latents, and the images StableDiffusionPipeline draws at height =
+    width = 48 from the same noise (a UNet takes any latent size)."""
+    args = ddpo.parse_args(["--num-steps", "3", "--guidance-scale", "3", "--resolution", "48"])
+    prompts = ["a cat", "tench"]
+    models = ddpo.load_models(str(random_model_dir), "cpu")
+    assert ddpo.resolution_problem(models, 48) is None and ddpo.latent_shape(models, 48) == (4, 12, 12)
+    _, images = ddpo.sample(models, prompts, args, ddpo.noise_generators(0, range(2)), 2)
+    expected = pipeline_images(random_model_dir, prompts, args, ddpo.noise_generators(0, range(2)), 48)
+    assert images.shape == (2, 3, 48, 48)
+    torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_resolution_the_vae_cannot_give_is_one_line(main_error, tmp_path):
+    line = main_error("--out-dir", str(tmp_path / "runs"), *SHORT_RUN, "--resolution", "30")
+    assert line == ("error: cannot use model tiny: its VAE's downsampling 4 needs a --resolution that is a multiple "
+                    "of 4, not 30")
+    assert not (tmp_path / "runs").exists()
+    assert main_error("--resolution", "-32") == "error: --resolution -32 is out of range (must be ≥ 0) (see --help)"
 
 
 def replaced_component(folder, name, **config):

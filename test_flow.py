@@ -92,6 +92,32 @@ def test_the_rollout_becomes_the_pipelines_own_sampler_as_the_noise_level_goes_t
     assert (ends[0.7] - expected).abs().max() > 0.1
 
 
+def test_resolution_samples_smaller_images_as_the_pipelines_height_and_width(sd3):
+    """--resolution 8 on the 16x16 SD3 pipeline: 4x4 latents (2x2 patches), and at a → 0 where
+    StableDiffusion3Pipeline's own loop at height = width = 8 ends from the same x_T."""
+    args = ddpo.parse_args(["--model", "unused", "--num-steps", "3", "--noise-level", "1e-6", "--resolution", "8"])
+    x_T = torch.stack([torch.randn((4, 4, 4), generator=g) for g in ddpo.noise_generators(0, range(2))])
+    with torch.no_grad():
+        expected = sd3.pipeline(["a cat", "a cow"], height=8, width=8, num_inference_steps=3, guidance_scale=5.0,
+                                latents=x_T, max_sequence_length=0, output_type="latent").images
+    traj = ddpo.rollout(sd3, ["a cat", "a cow"], args, ddpo.noise_generators(0, range(2)))
+    assert traj.states.shape == (2, 4, 4, 4, 4)
+    torch.testing.assert_close(traj.states[:, -1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_resolution_the_transformer_cannot_take_is_one_line(sd3, sd3_dir, main_error, tmp_path):
+    """A side that is no whole number of patches (the VAE's 2 times the patch size 2), or more patches than the
+    position embedding holds (4 a side here: 16 pixels)."""
+    assert ddpo.resolution_problem(sd3, 6) == ("VAE's downsampling 2 times its transformer's patch size 2 needs a "
+                                               "--resolution that is a multiple of 4, not 6")
+    assert ddpo.resolution_problem(sd3, 20) == ("transformer's position embedding holds 4 patches a side: "
+                                                "--resolution 20 needs 5 (at most 16 pixels)")
+    assert ddpo.resolution_problem(sd3, 16) is None and ddpo.resolution_problem(sd3, 0) is None
+    line = main_error(*flow_argv(sd3_dir, tmp_path / "runs", "r", "--resolution", "20"))
+    assert line.startswith(f"error: cannot use model {sd3_dir}: its transformer's position embedding holds 4 patches")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_rollout_actions_are_the_sde_step_of_the_guided_velocity_with_normal_log_probs(sd3):
     """Each action is μ + std·z with the step's own draw z, μ and std from flow_sde_step (tested against the scheduler
     and closed forms) on the guided velocity of the transformer called directly; the log-prob is Normal's, per dim."""
@@ -293,7 +319,7 @@ def test_the_sd35m_config_file_gives_flow_grpos_settings():
     assert (args.model, args.num_steps, args.noise_level, args.guidance_scale) == (
         "stabilityai/stable-diffusion-3.5-medium", 10, 0.7, 4.5)
     assert (args.samples_per_epoch // args.samples_per_prompt, args.samples_per_prompt, args.kl_coef) == (48, 24, 0.01)
-    assert ddpo.round_plan(args, args.num_steps) == (2, 1, 9) and args.lora_rank == 32
+    assert ddpo.round_plan(args, args.num_steps) == (2, 1, 9) and (args.lora_rank, args.resolution) == (32, 512)
 
 
 def test_compare_against_flow_grpos_settings_on_the_tiny_flow_model(tmp_path):

@@ -190,7 +190,7 @@ def build_flow_models(tokenizer, vae, width=64, layers=4, heads=4, patch_size=2,
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    latent = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = vae.config.sample_size // model_checks.downsampling(vae.config)
     transformer = SD3Transformer2DModel(
         sample_size=latent, patch_size=patch_size, in_channels=vae.config.latent_channels, num_layers=layers,
         attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * width,
