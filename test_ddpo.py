@@ -1146,7 +1146,7 @@ def test_empty_prompt_file_is_an_error(tmp_path, main_error):
 
 
 FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume
-device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta noise-level guidance-scale advantage buffer-size min-count
+device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta noise-level guidance-scale resolution advantage buffer-size min-count
 adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
 rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
 pickscore-processor imagereward-model imagereward-tokenizer""".split()
