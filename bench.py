@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
+from plumbing import checkpoints
 import ddpo
-import model_checks
-import tiny_world
+from plumbing import model_checks
+from world import tiny_world
 
 
 @torch.no_grad()

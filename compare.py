@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-import checkpoints
+from plumbing import checkpoints
 import ddpo
 
 NAMES = {"is": "DDPO_IS", "sf": "DDPO_SF", "rwr": "RWR", "rwr-sparse": "RWR sparse"}

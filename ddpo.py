@@ -8,10 +8,10 @@ on the denoiser (DDPO_SF, DDPO_IS). The one-step-MDP baselines (RWR, §4.2) are 
 
 This file reads top to bottom like the paper:
     Args → the policy step: DDIM's (§3.1), Flow-GRPO's SDE for flow models, and the log-prob → models → MDP
-    rollout (§4.3) → rewards, advantages (§4.4) → the four estimators (§4.2, §4.4) → train() → the command line.
+    rollout (§4.3) → rewards, advantages (App. D.3) → the four estimators (§4.2, §4.3) → train() → the command line.
 Flow-GRPO (Liu et al. 2025) is the same MDP on a rectified-flow model (Stable Diffusion 3): only the step differs.
-What serves a run around the algorithm (run files, checkpoints, several processes, Ctrl-C, pictures) lives in
-side modules named for what they hold; none of them imports this file.
+What serves a run around the algorithm (the command line's checks, model folders, run files, checkpoints, several
+processes, Ctrl-C, pictures) lives in plumbing/, in modules named for what they hold; none of them imports this file.
 
     python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~10 minutes
     python ddpo.py --model tiny-flow --reward jpeg      # the same on the tiny flow-matching model (Flow-GRPO)
@@ -19,16 +19,12 @@ side modules named for what they hold; none of them imports this file.
     python evaluate.py runs/NAME                         # base | fine-tuned, same seeds
     python -m pytest -q -n 2 --dist loadgroup            # the tests pin every formula with numbers
 """
-import argparse
 import copy
 import dataclasses
 import functools
-import json
 import math
-import os
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -38,18 +34,18 @@ import torch
 from tqdm import tqdm
 
 import rewards as rewards_lib
-from checkpoints import checkpoints, is_run, latest_checkpoint, load_trainable
-from command_line import ArgumentParser, HelpFormatter, describe, device_problem, range_problem
-from files import RunError, fail, why
-from model_checks import check_scheduler, downsampling, mismatched_components, model_load_error, quiet_libraries, resolution_problem
-from pictures import save_eval_grid
-from processes import bars, clear_bars, distributed, gather, gather_objects, my_share, start_processes, sum_gradients, together
+from plumbing import command_line
+from plumbing.checkpoints import checkpoints, is_run, load_run_weights
+from plumbing.command_line import complete, describe
+from plumbing.files import RunError, fail
+from plumbing.model_checks import check_scheduler, downsampling, mismatched_components, quiet_libraries, resolution_problem
+from plumbing.model_folders import freeze, load_parts
+from plumbing.pictures import save_eval_grid
+from plumbing.processes import (bars, clear_bars, distributed, gather, gather_objects, my_share, start_processes,
+                                sum_gradients, together)
+from plumbing.training_run import Run
 from rewards import compute_rewards, load_prompts
-from training_run import Run
-
-HERE = Path(__file__).resolve().parent
-TINY_MODELS = {"tiny": HERE / "tiny_model", "tiny-flow": HERE / "tiny_flow_model"}  # built-in (tiny_world.py made them)
-ALGOS = ("sf", "is", "rwr", "rwr-sparse")
+from world import TINY_MODELS  # the built-in models, 'tiny' and 'tiny-flow'
 
 
 def arg(default, help):
@@ -62,7 +58,7 @@ class Args:
     reward: str = arg("jpeg", f"reward function r(x_0, c): from rewards.py ({', '.join(rewards_lib.REWARDS)}), or your "
                               f"own as module:function or path/to/file.py:function (README: Your own reward)")
     algo: str = arg("is", "estimator: sf = DDPO_SF (REINFORCE), is = DDPO_IS (clipped importance sampling), "
-                          "rwr = RWR exponential weights, rwr-sparse = RWR sparse weights (paper §4.2, §4.4)")
+                          "rwr = RWR exponential weights, rwr-sparse = RWR sparse weights (paper §4.2, §4.3)")
     model: str = arg("tiny", "'tiny' (built in, SD v1-style: 32x32 images, 4x8x8 latents), 'tiny-flow' (built in, SD3-style),"
                              " a diffusers folder or hub id of a StableDiffusionPipeline (DDIM policy) or a Stable"
                              "Diffusion3Pipeline (Flow-GRPO's SDE policy), or a run folder (base model + last checkpoint)")
@@ -98,7 +94,7 @@ class Args:
     guidance_scale: float = arg(5.0, "w, classifier-free guidance in sampling and training (paper: 5)")
     resolution: int = arg(0, "image side in pixels, a multiple of the VAE's downsampling times the denoiser's (SD3: its "
                              "patch size); 0 = the model's own (SD v1.4: 512, SD3.5-M: 1024; Flow-GRPO samples it at 512)")
-    # --- advantages (§4.4)
+    # --- advantages (App. D.3's per-prompt baseline; buffer and groups: the PyTorch port's, Flow-GRPO's)
     advantage: str = arg("per-prompt", "per-prompt: normalise r by each prompt's recent rewards; batch: normalise by "
                                        "the round's mean and std; value: r − V_φ(x_t, t, c), DPOK's learned baseline "
                                        "(sf, is)")
@@ -108,7 +104,7 @@ class Args:
                             "group's (--samples-per-prompt ≥ 2) or else the batch's (PyTorch port: 16)")
     adv_clip: float = arg(5.0, "advantages are clipped to ±adv_clip")
     # --- optimisation
-    lr: float = arg(2e-4, "AdamW learning rate (the tiny model's full fine-tuning; LoRA on SD: 3e-4)")
+    lr: float = arg(2e-4, "AdamW learning rate (the tiny model's full fine-tuning; the PyTorch port's LoRA on SD: 3e-4)")
     max_grad_norm: float = arg(1.0, "gradient norm clip")
     num_minibatches: int = arg(2, "optimizer steps per inner epoch (is, rwr, rwr-sparse; paper: 4). DDPO_IS needs ≥ 2 "
                                   "steps a round: its first step is at θ = θ_old, where the ratio is 1 and the update "
@@ -119,15 +115,15 @@ class Args:
     timestep_fraction: float = arg(1.0, "fraction of the T timesteps trained on, drawn per sample")
     clip_range: float = arg(1e-3, "ε, DDPO_IS ratio clip: loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) (paper: 1e-4 "
                                   "on SD's 16,384 latent values; the log-ratio is a mean over them, whose spread "
-                                  "grows like 1/√D, so the tiny model's 256 take 8x that)")
+                                  "shrinks like 1/√D, so the tiny model's 256 take 8x that)")
     rwr_weights: str = arg("reward", "what RWR's weights exponentiate: reward = the paper's w = exp(β·r)/Z; "
                                         "advantage = w = exp(β·A)/Z on the normalised, clipped advantage A")
     rwr_beta: float = arg(1.0, "β ≥ 0, RWR inverse temperature in w = exp(β·r)/Z or exp(β·A)/Z (see --rwr-weights)")
     rwr_threshold: Optional[float] = arg(None, "C, rwr-sparse keeps samples with r ≥ C; default: the 90th "
                                                "percentile of the round's rewards")
     # --- DPOK (Fan et al. 2023): a KL penalty towards the pretrained model, a learned value baseline
-    kl_coef: float = arg(0.0, "β ≥ 0, DPOK's KL penalty: adds β·KL(π_θ(·|s_t) ‖ π_pre(·|s_t)) on every trained step "
-                              "(sf, is); 0 = off")
+    kl_coef: float = arg(0.0, "β_KL ≥ 0, DPOK's KL penalty: adds β_KL·KL(π_θ(·|s_t) ‖ π_pre(·|s_t)) on every "
+                              "trained step (sf, is); 0 = off")
     value_lr: float = arg(1e-3, "AdamW learning rate of the value function V_φ (--advantage value)")
     value_steps: int = arg(8, "gradient steps a round fitting V_φ to the round's rewards (--advantage value)")
     # --- the learned rewards' models (rewards.py): hub ids, or local folders to work offline
@@ -250,9 +246,6 @@ def gaussian_kl(mean, mean_pre, sigma_t):
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as in the PyTorch port
 FLOW_LORA_TARGETS = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # + the text stream's (Flow-GRPO)
-COMPONENTS = {"StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-              "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
-                                           "tokenizer_2", "scheduler")}  # T5 (text_encoder_3) is optional
 
 
 @dataclass
@@ -264,7 +257,7 @@ class Models:
     vae: torch.nn.Module  # AutoencoderKL: the policy acts on its latents, the reward sees its decoded images
     device: str
     dtype: torch.dtype = torch.float32  # of the frozen weights and the denoiser's forward pass (autocast)
-    reference: Optional[torch.nn.Module] = None  # a frozen copy of the denoiser as loaded: π_pre under full fine-tuning
+    reference: Optional[torch.nn.Module] = None  # a frozen copy of the denoiser as loaded: π_pre but for a new LoRA adapter
     pipeline: object = None  # SD3: its StableDiffusion3Pipeline, whose own encode_prompt gives c
 
     @property
@@ -279,43 +272,18 @@ def load_models(name, device, lora_rank=0, mixed_precision="no") -> Models:
     """A diffusers folder or hub id: a StableDiffusionPipeline's (unet, vae, text_encoder, tokenizer; its scheduler
     loaded as DDIMScheduler; the built-in 'tiny' is one) or a StableDiffusion3Pipeline, loaded whole ('tiny-flow' is
     one); or a run folder: its base model with the trainable weights of its last checkpoint."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
     if is_run(name):
         saved = load_run_args(name)
         models = load_models(saved.model, device, saved.lora_rank, mixed_precision)
-        checkpoint = latest_checkpoint(name)
-        try:
-            load_trainable(models, checkpoint / "trainable.safetensors")
-        except Exception as e:  # a truncated file fails in safetensors; a mismatch in load_trainable
-            fail(f"checkpoint {checkpoint} is damaged ({why(e)})")
+        load_run_weights(models, name)
         return models
-    path, dtype = str(TINY_MODELS.get(name, name)), PRECISIONS[mixed_precision]
-    try:
-        index = DiffusionPipeline.load_config(path)  # model_index.json
-        kind = "StableDiffusion3Pipeline" if "transformer" in index else "StableDiffusionPipeline"
-        if missing := [c for c in COMPONENTS[kind] if c not in index or index[c][0] is None]:
-            fail(f"model {name} has no {', '.join(missing)}: it needs a {kind}'s {', '.join(COMPONENTS[kind])}")
-        if kind == "StableDiffusion3Pipeline":  # its own classes, scheduler included (check_scheduler checks it)
-            absent = {c: None for c in ("text_encoder_3", "tokenizer_3") if index.get(c, [None])[0] is None}  # no T5
-            pipe = StableDiffusion3Pipeline.from_pretrained(path, **absent)
-            models = Models(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae, device,
-                            dtype, pipeline=pipe)
-        else:
-            models = Models(
-                UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-                CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-                AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                DDIMScheduler.from_pretrained(path, subfolder="scheduler"),
-                AutoencoderKL.from_pretrained(path, subfolder="vae"), device, dtype)
-    except Exception as e:  # OSError, ValueError, or a damaged weights file's own error (SafetensorError, …)
-        fail(model_load_error(name, e))
+    *parts, pipeline = load_parts(name, str(TINY_MODELS.get(name, name)))  # from_pretrained (plumbing/model_folders.py)
+    models = Models(*parts, device, PRECISIONS[mixed_precision], pipeline=pipeline)
     if problem := mismatched_components(models):
         fail(f"model {name} does not fit together: {problem}")
     more = [models.pipeline.text_encoder_2, models.pipeline.text_encoder_3] if models.flow else []  # SD3's, T5 or None
     for module in [models.text_encoder, models.vae, *filter(None, more)]:  # frozen: no gradients, the run's precision
-        module.requires_grad_(False).eval().to(device, models.dtype)
+        freeze(module, models.dtype, device)
     if lora_rank > 0:
         from peft import LoraConfig
 
@@ -375,7 +343,7 @@ def ddpm_noise(scheduler, shape, generator):
 
 
 def ddpm_loss(models, x0, cond, t, noise):
-    """DDPM loss (paper eq. 1, ε-form): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², one value per sample (B,).
+    """DDPM loss (DDPM's L_simple, Ho et al. eq. 14; DDPO's eq. 1 is the same loss in μ-form): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², one value per sample (B,).
 
     For a v-prediction model (the tiny one) the target is v = √ᾱ_t ε − √(1−ᾱ_t) x_0, for an x_0-prediction
     model x_0: the same loss in that model's own parametrisation. Serves RWR (on the model's own samples) and
@@ -422,16 +390,16 @@ class Trajectories:
                             torch.cat([p.log_probs for p in parts]))
 
 
-def policy(models, x_t, t, cond, uncond, guidance_scale, noise):
-    """π(· | s_t) = N(μ_θ(x_t, t, c), σ_t² I): the guided prediction, then the model's step: DDIM's for a UNet (noise:
-    η), Flow-GRPO's SDE for a flow model (noise: a). Returns μ and the step's standard deviation σ_t.
+def policy(models, x_t, t, cond, uncond, guidance_scale, level):
+    """π(· | s_t) = N(μ_θ(x_t, t, c), σ_t² I): the guided prediction, then the model's step: DDIM's for a UNet (level:
+    η), Flow-GRPO's SDE for a flow model (level: a). Returns μ and the step's standard deviation σ_t.
 
-    Classifier-free guidance, for ε as for the velocity: ε̂ = ε_θ(x_t, t, ∅) + w (ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅)).
-    """
+    Classifier-free guidance on the denoiser's prediction (pred: ε for a UNet, the velocity v for a flow model):
+    ε̂ = ε_θ(x_t, t, ∅) + w (ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅))."""
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # unconditional and conditional in one pass, 2B rows
-    eps_uncond, eps_cond = denoise(models, torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
-    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-    return (flow_sde_step if models.flow else ddim_step)(models.scheduler, eps, x_t, t, noise)
+    pred_uncond, pred_cond = denoise(models, torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
+    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+    return (flow_sde_step if models.flow else ddim_step)(models.scheduler, pred, x_t, t, level)
 
 
 def noise_scale(models, args):
@@ -440,15 +408,16 @@ def noise_scale(models, args):
 
 
 @torch.no_grad()
-def pretrained_mean(models, *state):
-    """μ_pre(x_t, t, c) of π_pre (DPOK's KL). With LoRA: the same denoiser with its adapter switched off, i.e. the base
-    model (one denoiser in memory). Under full fine-tuning: models.reference, a frozen copy of the denoiser the run
-    started from (for --model RUN, RUN's weights when this run began)."""
+def pretrained_mean(models, *policy_args):
+    """μ_pre(x_t, t, c) of π_pre (DPOK's KL): always the model this run started from. models.reference, a frozen copy
+    of the denoiser as loaded, under full fine-tuning and for --model RUN (RUN's weights or adapter when this run
+    began); with a new LoRA adapter the same denoiser with its adapter switched off, i.e. the base model (one
+    denoiser in memory)."""
     if models.reference is not None:
-        return policy(dataclasses.replace(models, denoiser=models.reference), *state)[0]
+        return policy(dataclasses.replace(models, denoiser=models.reference), *policy_args)[0]
     models.denoiser.disable_adapters()
     try:
-        return policy(models, *state)[0]
+        return policy(models, *policy_args)[0]
     finally:
         models.denoiser.enable_adapters()
 
@@ -478,8 +447,8 @@ def rollout(models, prompts, args, generators) -> Trajectories:
     noise = lambda: torch.stack([torch.randn(shape, generator=g) for g in generators]).to(models.device)  # noqa: E731
     x_t = noise()  # ρ_0: x_T ~ N(0, I), (B, C, H, W)
     states, log_probs = [x_t], []
-    for t in models.scheduler.timesteps:
-        t = t.expand(len(prompts)).to(models.device)
+    for timestep in models.scheduler.timesteps:
+        t = timestep.expand(len(prompts)).to(models.device)
         mean, sigma_t = policy(models, x_t, t, cond, uncond, args.guidance_scale, noise_scale(models, args))
         x_t = mean + sigma_t * noise()  # the action x_{t-1}
         log_probs.append(gaussian_log_prob(x_t, mean, sigma_t))
@@ -488,16 +457,16 @@ def rollout(models, prompts, args, generators) -> Trajectories:
                         torch.stack(log_probs, 1))
 
 
-def rescore(models, traj, rows, steps, uncond, args):
-    """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices `steps` (one per row), (b,);
+def rescore(models, traj, rows, j, uncond, args):
+    """log π_θ(a_t | s_t) under the *current* θ for samples `rows` at step indices j (one per row), (b,);
     and KL(π_θ(·|s_t) ‖ π_pre(·|s_t)), (b,), when --kl-coef > 0 (else None).
 
     uncond is the empty prompt's condition, one row or more; its first row serves every sample."""
-    state = (traj.states[rows, steps], traj.timesteps[steps].to(models.device), pick(traj.cond, rows),
-             repeat(uncond, len(rows)), args.guidance_scale, noise_scale(models, args))
-    mean, sigma_t = policy(models, *state)
-    kl = gaussian_kl(mean, pretrained_mean(models, *state), sigma_t) if args.kl_coef > 0 else None
-    return gaussian_log_prob(traj.states[rows, steps + 1], mean, sigma_t), kl
+    policy_args = (traj.states[rows, j], traj.timesteps[j].to(models.device), pick(traj.cond, rows),
+                   repeat(uncond, len(rows)), args.guidance_scale, noise_scale(models, args))
+    mean, sigma_t = policy(models, *policy_args)
+    kl = gaussian_kl(mean, pretrained_mean(models, *policy_args), sigma_t) if args.kl_coef > 0 else None
+    return gaussian_log_prob(traj.states[rows, j + 1], mean, sigma_t), kl
 
 
 class NonFinite(RunError):
@@ -522,7 +491,7 @@ def sample(models, prompts, args, generators, batch_size, desc="sampling"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards and advantages (paper §4.4)
+# Rewards and advantages (paper §5; advantages: App. D.3)
 # ----------------------------------------------------------------------------------------------------------
 
 def load_reward(args):
@@ -539,6 +508,11 @@ class PerPromptStatTracker:
 
     A prompt with fewer than min_count rewards in its buffer is normalised with its own group's statistics when
     each prompt is sampled group_size ≥ 2 times a round, and with the batch's statistics otherwise.
+
+    Prompts are drawn independently (with replacement, as in the paper), so a prompt can be drawn twice in a round.
+    Its buffer then keeps *all* of its rewards of this round (2k), and older ones up to buffer_size in all: its two
+    groups are i.i.d. samples of one prompt and share its statistics. (Cutting to buffer_size = k would keep only
+    the second group and normalise the first by the second's mean and std.)
     """
 
     def __init__(self, buffer_size, min_count, group_size=1):
@@ -550,15 +524,16 @@ class PerPromptStatTracker:
         rewards, prompts = np.asarray(rewards, dtype=np.float64), np.asarray(prompts)
         advantages, own = np.empty_like(rewards), 0
         for prompt in np.unique(prompts):
-            mine = prompts == prompt
+            of_prompt = prompts == prompt
             buffer = self.buffers.setdefault(str(prompt), [])
-            buffer[:] = (buffer + rewards[mine].tolist())[-self.buffer_size:]
+            new = rewards[of_prompt].tolist()  # this round's, all kept; then the most recent older ones
+            buffer[:] = (buffer[-(self.buffer_size - len(new)):] if len(new) < self.buffer_size else []) + new
             if len(buffer) >= self.min_count:
                 stats = np.array(buffer)
             else:  # not enough history yet: this round's group of the prompt, or the whole batch
-                stats = rewards[mine] if self.group_size > 1 else rewards
-            own += mine.sum() if stats is not rewards else 0
-            advantages[mine] = (rewards[mine] - stats.mean()) / (stats.std() + 1e-6)
+                stats = rewards[of_prompt] if self.group_size > 1 else rewards
+            own += of_prompt.sum() if stats is not rewards else 0
+            advantages[of_prompt] = (rewards[of_prompt] - stats.mean()) / (stats.std() + 1e-6)
         return torch.tensor(advantages, dtype=torch.float32), own / len(rewards)
         # exercise 3: end
 
@@ -584,7 +559,8 @@ class ValueFunction(torch.nn.Module):
         self.image = torch.nn.Sequential(conv(channels), torch.nn.SiLU(), conv(width), torch.nn.SiLU(),
                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.head = torch.nn.Sequential(torch.nn.Linear(width + cond_dim + 1, width), torch.nn.SiLU(), torch.nn.Linear(width, 1))
-        torch.nn.init.zeros_(self.head[-1].weight)  # V_φ = 0 everywhere until fitted: round 1's advantages are the batch's
+        torch.nn.init.zeros_(self.head[-1].weight)  # V_φ = its output bias, a constant, until fitted: round 1's
+        # advantages, normalised over the round, are then the batch's (the constant cancels)
         self.register_buffer("fitted", torch.tensor(False))  # the output bias starts at the first round's mean reward
 
     def forward(self, x_t, t, cond):  # (N, C, H, W), (N,) timesteps, c's token states (N, L, D) → (N,)
@@ -592,10 +568,11 @@ class ValueFunction(torch.nn.Module):
         return self.head(features).squeeze(1)
 
 
-def value_at(value, traj, j):
-    """V_φ(s_t) at step index j of every trajectory, (B,)."""
-    t = traj.timesteps[j].expand(len(traj.prompts)).to(traj.states.device)
-    return value(traj.states[:, j], t, traj.cond["encoder_hidden_states"])
+def value_at(value, traj, j, rows=slice(None)):
+    """V_φ(s_t) at step index j of the trajectories `rows` (default: all), (b,)."""
+    states = traj.states[rows, j]
+    t = traj.timesteps[j].expand(len(states)).to(states.device)
+    return value(states, t, traj.cond["encoder_hidden_states"][rows])
 
 
 def value_advantages(value, traj, rewards, args):
@@ -603,8 +580,10 @@ def value_advantages(value, traj, rewards, args):
     clipped, (B, T). V_φ has not seen this round's rewards (fit_value runs after), so a sample's baseline never
     contains its own reward. Also returns what V_φ's error on these new trajectories was. rewards: the round's;
     traj: this process's share of it."""
+    batches = torch.arange(len(traj.prompts)).split(args.sample_batch_size)  # as sampled: N processes compute as 1
     with torch.no_grad():
-        v = torch.stack([value_at(value, traj, j) for j in range(traj.log_probs.shape[1])], 1)  # (B, T)
+        v = torch.stack([torch.cat([value_at(value, traj, j, rows) for rows in batches])
+                         for j in range(traj.log_probs.shape[1])], 1)  # (B, T)
         delta = gather(my_share(rewards).to(traj.states.device)[:, None] - v)  # the round's, (B, T)
     advantages = (delta - delta.mean()) / (delta.std(unbiased=False) + 1e-6)
     variance = rewards.var(unbiased=False).item()
@@ -635,14 +614,14 @@ def fit_value(value, optimizer, traj, rewards, args):
 # ----------------------------------------------------------------------------------------------------------
 
 def ddpo_sf_loss(log_prob, advantages):
-    """DDPO_SF (REINFORCE, §4.4): ∇ loss = −E[A ∇_θ log π_θ(x_{t-1} | x_t, c)]; data must come from the current θ."""
+    """DDPO_SF (REINFORCE, §4.3): ∇ loss = −E[A ∇_θ log π_θ(x_{t-1} | x_t, c)]; data must come from the current θ."""
     # exercise 4: begin
     return -(advantages * log_prob).mean()
     # exercise 4: end
 
 
 def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
-    """DDPO_IS (§4.4) with PPO's clip: loss = E[max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))], ratio = π_θ / π_θold.
+    """DDPO_IS (§4.3, App. D.1) with PPO's clip: loss = E[max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))], ratio = π_θ / π_θold.
 
     The max of the two losses is the pessimistic one: once the ratio has left [1−ε, 1+ε] in the direction the
     advantage pushes it, the loss is flat and that sample gives no gradient. Returns loss, approx_kl, clipfrac.
@@ -714,21 +693,21 @@ def policy_gradient_chunk(models, traj, rows, chunk, steps, advantages, args, un
     """DDPO_SF or DDPO_IS (+ DPOK's KL) on one chunk of a minibatch: one backward per trained timestep (memory
     does not grow with T), each scaled by 1/n_timesteps: the paper's sum over t (§6), divided by a constant."""
     n_timesteps = steps.shape[1]
-    for k in range(n_timesteps):
-        log_prob, kl = rescore(models, traj, rows, steps[chunk, k], uncond, args)
+    for i in range(n_timesteps):
+        log_prob, kl = rescore(models, traj, rows, steps[chunk, i], uncond, args)
         # A of each sample, or of each sample's step with DPOK's value baseline (B, T)
-        adv = advantages[chunk, steps[chunk, k]] if advantages.ndim == 2 else advantages[chunk]
+        adv = advantages[chunk, steps[chunk, i]] if advantages.ndim == 2 else advantages[chunk]
         if args.algo == "sf":
             loss = ddpo_sf_loss(log_prob, adv)
         else:  # the old log-prob is the one stored at sampling time, under θ_old
-            old = traj.log_probs[rows, steps[chunk, k]]
+            old = traj.log_probs[rows, steps[chunk, i]]
             loss, approx_kl, clipfrac = ddpo_is_loss(log_prob, old, adv, args.clip_range)
             logs["approx_kl"].append(approx_kl.item())
             logs["clipfrac"].append(clipfrac.item())
-        if kl is not None:  # DPOK: + β KL(π_θ ‖ π_pre) on the same step
+        if kl is not None:  # DPOK: + β_KL KL(π_θ ‖ π_pre) on the same step
             loss = loss + args.kl_coef * kl.mean()
             logs["kl"].append(kl.mean().item())
-        backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[chunk[0], k]].item()}")
+        backward(loss, share / n_timesteps, scaler, f"{where}, timestep t={traj.timesteps[steps[chunk[0], i]].item()}")
         logs["loss"].append(loss.item())
 
 
@@ -798,9 +777,9 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
             if args.algo == "rwr-sparse" and not weights[minibatch].any():
                 logs["skipped"].append(1.0)  # no sample here reached C: a zero loss, and AdamW would still move θ
                 continue
-            mine = minibatch[(minibatch >= first) & (minibatch < first + len(traj.prompts))]  # round indices
+            held = minibatch[(minibatch >= first) & (minibatch < first + len(traj.prompts))]  # round indices
             with together():  # a non-finite loss on any process stops all of them here
-                for chunk in mine.split(args.train_batch_size) if len(mine) else ():  # none here: zero gradient
+                for chunk in held.split(args.train_batch_size) if len(held) else ():  # none here: zero gradient
                     share = len(chunk) / len(minibatch)  # chunks (on all processes) add up to the minibatch's mean
                     train_chunk(rows=chunk - first, chunk=chunk, scaler=scaler, share=share, logs=logs,  # rows: in traj
                                 where=where)
@@ -813,7 +792,7 @@ def train_round(models, optimizer, traj, advantages, rewards, args, generator, u
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training: sample → reward → advantages → estimator, every epoch (paper §4.3–4.4)
+# Training: sample → reward → advantages → estimator, every epoch (paper §4.3)
 # ----------------------------------------------------------------------------------------------------------
 
 def train(args, reward_fn=None):
@@ -822,30 +801,33 @@ def train(args, reward_fn=None):
     if reward_fn is not None:
         name = getattr(reward_fn, "__qualname__", type(reward_fn).__qualname__)
         args = dataclasses.replace(args, reward=f"{reward_fn.__module__}:{name}")
-    run = Run(start_processes(complete(args)))  # under torchrun: join the others, one device each
+    run = Run(start_processes(complete(args, round_plan)))  # under torchrun: join the others, one device each
     args = run.args
     quiet_libraries()
     prompt_set = load_prompts(args.prompts)  # everything that can fail on bad input fails before a file is written
     reward_fn = reward_fn or load_reward(args)
+    random.seed(args.seed)  # a reward of your own may draw from python's, numpy's or torch's global RNG: all three
+    np.random.seed(args.seed)  # are seeded here, and the checkpoint carries them across --resume
     torch.manual_seed(args.seed)  # before the models: a LoRA adapter's initial weights are drawn while loading
     models = load_models(args.model, args.device, args.lora_rank, args.mixed_precision)
     if problem := check_scheduler(models.scheduler, args.num_steps) or resolution_problem(models, args.resolution):
         fail(f"cannot use model {args.model}: its {problem}")
     params = [p for p in models.denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)  # the PyTorch port's weight decay
     scaler = loss_scaler(args)
-    if args.kl_coef > 0 and args.lora_rank == 0:  # π_pre for DPOK's KL: the denoiser as loaded, frozen (LoRA: adapter off)
+    if args.kl_coef > 0 and (args.lora_rank == 0 or is_run(args.model)):  # π_pre for DPOK's KL: the model this run
+        # starts from, frozen; a new LoRA adapter needs no copy: π_pre is the base model, the adapter switched off
         models.reference = copy.deepcopy(models.denoiser).requires_grad_(False).to(models.dtype)
     uncond = encode_prompts(models, [""])  # c = ∅ for classifier-free guidance, one row
-    value = None  # DPOK's V_φ and its own optimizer
+    baseline = None  # DPOK's V_φ and its own optimizer
     if args.advantage == "value":
         net = ValueFunction(models.denoiser.config.in_channels, uncond["encoder_hidden_states"].shape[-1]).to(args.device)
-        value = (net, torch.optim.AdamW(net.parameters(), lr=args.value_lr))
+        baseline = (net, torch.optim.AdamW(net.parameters(), lr=args.value_lr))
     tracker = PerPromptStatTracker(args.buffer_size, args.min_count, args.samples_per_prompt)
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    state = (models, optimizer, tracker, rng, generator, scaler, value)  # all a round depends on: the checkpoint
-    start = run.resume(state) if args.resume else 0
+    checkpointed = (models, optimizer, tracker, rng, generator, scaler, baseline)  # all a round depends on: the checkpoint
+    start = run.resume(checkpointed) if args.resume else 0
     run.print(describe(args, len(prompt_set), round_plan(args, args.num_steps), run.world, models.flow),
               f"{'resuming after epoch ' + str(start) + ' in' if start else 'writing to'} {run.dir}; "
               f"{sum(p.numel() for p in params):,} trainable parameters (LoRA rank {args.lora_rank}, {args.mixed_precision})")
@@ -869,9 +851,9 @@ def train(args, reward_fn=None):
                 run.lap("sample")
                 r, _ = compute_rewards(reward_fn, args.reward, images, [prompts[i] for i in mine])
             r = gather(r.to(models.device)).cpu()  # the round's rewards r(x_0, c), (samples_per_epoch,)
-            if value:  # DPOK: the baseline V_φ as it was before this round, then V_φ fitted to the round
-                advantages, extra = value_advantages(value[0], traj, r, args)
-                fit_value(*value, traj, r, args)
+            if baseline:  # DPOK: the baseline V_φ as it was before this round, then V_φ fitted to the round
+                advantages, extra = value_advantages(baseline[0], traj, r, args)
+                fit_value(*baseline, traj, r, args)
             else:
                 advantages, fraction = compute_advantages(tracker, prompts, r, args)
                 extra = {"adv/per_prompt_fraction": fraction}
@@ -879,109 +861,22 @@ def train(args, reward_fn=None):
             losses = train_round(models, optimizer, traj, advantages, r, args, generator, uncond, scaler)
             run.lap("train")
             run.log(epoch, r, {**extra, **{f"losses/{name}": v for name, v in losses.items()}}, evaluate)  # + eval
-            run.checkpoint(epoch, state)  # every --save-every epochs, after the last, and when stopped
+            run.checkpoint(epoch, checkpointed)  # every --save-every epochs, after the last, and when stopped
     return run.history
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The command line: flags → Args, checked; --resume's refusals; a run's saved settings
+# The command line: flags → Args, checked and completed (plumbing/command_line.py); --resume's refusals
 # ----------------------------------------------------------------------------------------------------------
 
-CHOICES = {"algo": ALGOS, "advantage": ("per-prompt", "batch", "value"),
-           "rwr_weights": ("reward", "advantage"), "mixed_precision": ("no", "fp16", "bf16")}
-RESUME_MAY_CHANGE = ("epochs", "save_every", "device")
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def known_reward(name):
-    """A reward in rewards.py, or your own to import (module:function, path/to/file.py:function)."""
-    return name in rewards_lib.REWARDS or ":" in name
-
-
 def parse_args(argv=None) -> Args:
-    """Args from the command line: --flags, and @file for a file of them (configs/*.txt, argparse's own
-    fromfile_prefix_chars). --resume takes the run's saved settings; a typed flag that would change them is refused."""
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, fromfile_prefix_chars="@")
-    for f in dataclasses.fields(Args):
-        kind = {"rwr_threshold": float, "lora_rank": int}.get(f.name, f.type)
-        p.add_argument(flag(f.name), type=kind, default=f.default, choices=CHOICES.get(f.name), help=f.metadata["help"])
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # --help shows the values in effect (after `@configs/x.txt`: the paper's), not only the built-in defaults
-    p.set_defaults(**vars(p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]))
-    args = Args(**vars(p.parse_args(argv)))
-    unset = object()  # argparse fills in no default where the namespace already has a value
-    given = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})))
-    typed = {name for name, value in given.items() if value is not unset}  # typed, even if equal to the default
-    if args.resume:  # the run's own settings; a typed flag that would change one of the others is refused
-        saved = load_run_args(args.resume)
-        refused = sorted(k for k in typed - {"resume", *RESUME_MAY_CHANGE} if getattr(args, k) != getattr(saved, k))
-        if refused:
-            p.error(f"--resume continues {args.resume} with its own settings: {', '.join(map(flag, refused))} cannot "
-                    f"change (only {', '.join(map(flag, RESUME_MAY_CHANGE))} can)")
-        args = dataclasses.replace(saved, resume=args.resume, out_dir=str(Path(args.resume).parent),
-                                   run_name=Path(args.resume).name,
-                                   **{k: getattr(args, k) for k in typed & set(RESUME_MAY_CHANGE)})
-    return complete(args, typed, p.error)
+    """Args from --flags and @files of them (configs/*.txt), or --resume's saved ones; each checked (complete)."""
+    return command_line.parse_args(Args, round_plan, argv, __doc__.split("\n\n")[0])
 
 
-def complete(args, typed=frozenset(), error=fail):
-    """Every setting checked, with one line naming a bad one, and the derived ones filled in (default prompts, LoRA
-    rank, run name). parse_args calls it, and train() for an Args made in Python. typed: the flags typed."""
-    args = dataclasses.replace(args)
-    if not known_reward(args.reward):
-        error(f"unknown reward {args.reward!r}: one of {', '.join(rewards_lib.REWARDS)}, or module:function")
-    for name, allowed in CHOICES.items():  # argparse checks these on the command line; an Args made in Python too
-        if getattr(args, name) not in allowed:
-            error(f"{flag(name)} {getattr(args, name)!r} is not one of {', '.join(allowed)}")
-    if problem := range_problem(args):
-        error(problem)
-    if problem := device_problem(args.device):
-        error(problem + ("; the run was made there: resume it here with --device cpu"
-                         if args.resume and "device" not in typed else ""))
-    if args.advantage == "per-prompt" and args.min_count > args.buffer_size:
-        error(f"--min-count {args.min_count} is more than --buffer-size {args.buffer_size}: a prompt's buffer could "
-              f"never hold enough rewards for its own statistics")
-    minibatches, world = round_plan(args, args.num_steps)[0], int(os.environ.get("WORLD_SIZE", 1))
-    sample_batch = args.sample_batch_size if args.sample_batch_size < args.samples_per_epoch // world else 1  # or one batch
-    for name, n in (("--sample-batch-size", sample_batch), ("--samples-per-prompt", args.samples_per_prompt),
-                    ("--num-minibatches", minibatches), ("the number of processes (torchrun)", world)):
-        if args.samples_per_epoch % n:
-            error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
-    if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
-        error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
-    args.prompts = args.prompts or rewards_lib.DEFAULT_PROMPTS.get(args.reward, "simple_animals")
-    if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full denoiser
-        rank = load_run_args(args.model).lora_rank
-        if "lora_rank" in typed and args.lora_rank != rank:
-            error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
-                    f"cannot change that")
-        args.lora_rank = rank
-    elif args.lora_rank is None:
-        args.lora_rank = 0 if args.model in TINY_MODELS else 4
-    reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in args.reward)  # module:fn, path/file.py:fn
-    args.run_name = args.run_name or f"{reward}__{args.algo}__{args.seed}__{int(time.time())}"
-    return args
-
-
-def load_run_args(run_dir):
-    """A run's saved settings (args.json); names this ddpo.py does not know (a reward, an algorithm) are refused,
-    and settings it no longer has are ignored."""
-    path = Path(run_dir) / "args.json"
-    if not path.is_file():
-        fail(f"{run_dir} is not a run folder (no args.json)")
-    try:
-        saved = json.loads(path.read_text())
-        args = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
-    except (ValueError, TypeError, AttributeError) as e:
-        fail(f"{path} is damaged ({why(e)})")
-    for name, allowed in {**CHOICES, "reward": list(rewards_lib.REWARDS)}.items():
-        if getattr(args, name) not in allowed and not (name == "reward" and known_reward(args.reward)):
-            fail(f"{run_dir} was made with {flag(name)} {getattr(args, name)!r}, which this ddpo.py does not know "
-                 f"(known: {', '.join(allowed)})")
-    return args
+def load_run_args(run_dir) -> Args:
+    """A run's saved settings (its args.json)."""
+    return command_line.load_run_args(Args, run_dir)
 
 
 def main(argv=None):

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 import ddpo
-from command_line import ArgumentParser, HelpFormatter, device_problem
-from files import RunError, fail, why, write_text
-from model_checks import check_scheduler, quiet_libraries
-from pictures import save_grid
-from processes import clear_bars
+from plumbing.command_line import ArgumentParser, HelpFormatter, device_problem
+from plumbing.files import RunError, atomic_folder, fail, why, write_text
+from plumbing.model_checks import check_scheduler, quiet_libraries
+from plumbing.pictures import save_grid
+from plumbing.processes import clear_bars
 from rewards import HELDOUT_PROMPTS, compute_rewards, load_prompts
 
 
@@ -64,7 +64,6 @@ def evaluate(args):
     names = {"train": run.prompts, "heldout": args.eval_prompts or HELDOUT_PROMPTS.get(run.reward, "unseen_animals")}
     prompt_sets = {name: load_prompts(spec) for name, spec in names.items()}
     out = Path(args.run) / "eval"
-    out.mkdir(exist_ok=True)
     results = {}
     for which, models in base_and_tuned(run, args):
         if problem := check_scheduler(models.scheduler, run.num_steps):
@@ -77,15 +76,16 @@ def evaluate(args):
             results.setdefault(name, {})[which] = (images, r)
         del models  # one UNet in memory at a time
     summary = {}
-    for name, res in results.items():
-        (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]
-        images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
-        captions = [f"{w} {v:.3g}" for b, t in zip(base_r.tolist(), tuned_r.tolist()) for w, v in (("base", b), ("tuned", t))]
-        save_grid(images, captions, out / f"{name}.png")
-        summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
-                         "tuned_reward_mean": tuned_r.mean().item()}
-        print(f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}")
-    write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+    with atomic_folder(out) as tmp:  # the grids and eval.json of one evaluation together, or the older ones kept
+        for name, res in results.items():
+            (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]
+            images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
+            captions = [f"{w} {v:.3g}" for b, t in zip(base_r.tolist(), tuned_r.tolist()) for w, v in (("base", b), ("tuned", t))]
+            save_grid(images, captions, tmp / f"{name}.png")
+            summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
+                             "tuned_reward_mean": tuned_r.mean().item()}
+            print(f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}")
+        write_text(tmp / "eval.json", json.dumps(summary, indent=2) + "\n")
     print(f"grids and eval.json in {out}")
     return summary
 

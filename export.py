@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 import ddpo
-from checkpoints import latest_checkpoint
-from command_line import ArgumentParser, HelpFormatter
-from files import atomic_folder, fail, why
+from plumbing.checkpoints import latest_checkpoint
+from plumbing.command_line import ArgumentParser, HelpFormatter
+from plumbing.files import atomic_folder, fail, why
 
 
 def export(run_dir, out):

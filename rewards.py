@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from files import RunError, fail, why
+from plumbing.files import RunError, fail, why
 
 
 def to_pil(images):
@@ -329,7 +329,7 @@ REWARDS = {
     "imagereward": ImageReward,
 }
 
-DEFAULT_PROMPTS = {  # paper §5: the prompt distribution p(c) of each task
+DEFAULT_PROMPTS = {  # paper §6: the prompt distribution p(c) of each task
     "jpeg": "imagenet_animals",
     "compressibility": "imagenet_animals",
     "incompressibility": "imagenet_animals",
@@ -410,7 +410,7 @@ def make_reward(name, device, **options):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Prompt sets p(c) (paper §5): prompts/<name>.txt, one prompt a line, or the alignment task's products
+# Prompt sets p(c) (paper §6): prompts/<name>.txt, one prompt a line, or the alignment task's products
 # --------------------------------------------------------------------------------------------------------
 
 PROMPTS = Path(__file__).resolve().parent / "prompts"  # the prompt sets: <name>.txt, one prompt a line

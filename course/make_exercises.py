@@ -7,9 +7,11 @@ test_exercises.py only: one group per exercise, `pytest -k exercise_N`, checked 
 and library references, never against the formula written out. The project's own tests (which spell out the
 reference answers), the mutation check and the solutions part of EXERCISES.md are left out.
 
-    python make_exercises.py OUT_DIR     # write the student copy (OUT_DIR must not exist)
-    python make_exercises.py --check     # CI: in a copy, every exercise's tests fail with its own message;
-                                         # with the reference bodies put back, they all pass
+    python course/make_exercises.py OUT_DIR   # write the student copy (OUT_DIR must not exist)
+    python course/make_exercises.py --check   # CI: in a copy, every exercise's tests fail with its own message;
+                                              # with the reference bodies put back, they all pass
+
+The copy has the project's layout, with the course kit (EXERCISES.md, test_exercises.py) at its top.
 """
 import argparse
 import re
@@ -20,20 +22,22 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+COURSE = Path(__file__).resolve().parent
+ROOT = COURSE.parent  # the repository
 EXERCISES = {  # N: what to write, where to read
     1: "the DDIM step's σ_t and mean μ, paper §3.1 and DDIM (Song et al. 2021) eq. (12) and (16)",
     2: "the policy's log-probability log π(x_{t-1} | x_t, c), averaged over dimensions, paper §3.1 eq. (2) and §4.3",
-    3: "per-prompt advantages (the per-prompt stat tracker), paper §4.4",
-    4: "DDPO_SF, the score-function (REINFORCE) loss, paper §4.4",
-    5: "DDPO_IS with PPO's clipped ratio, approx_kl and clipfrac, paper §4.4",
+    3: "per-prompt advantages (the per-prompt stat tracker), paper App. D.3",
+    4: "DDPO_SF, the score-function (REINFORCE) loss, paper §4.3",
+    5: "DDPO_IS with PPO's clipped ratio, approx_kl and clipfrac, paper §4.3 and App. D.1",
     6: "RWR's exponential and sparse weights, paper §4.2",
     7: "DPOK's KL between two Gaussians with the same σ_t, Fan et al. 2023 §4",
     8: "Flow-GRPO's SDE step on a flow model: σ_t, the step's mean and its std, Liu et al. 2025",
 }
-SHIPPED = ["ddpo.py", "rewards.py", "checkpoints.py", "command_line.py", "files.py", "model_checks.py", "pictures.py",
-           "processes.py", "training_run.py", "evaluate.py", "export.py", "tiny_world.py", "compare.py", "bench.py",
-           "requirements.txt", "README.md", "EXERCISES.md", "test_exercises.py", "tiny_model", "prompts", "configs", "docs"]
+SHIPPED = {ROOT / name: name for name in  # source: its path in the copy
+           ["ddpo.py", "rewards.py", "plumbing", "world", "evaluate.py", "export.py", "compare.py", "bench.py",
+            "requirements.txt", "README.md", "prompts", "configs", "docs"]}
+SHIPPED.update({COURSE / "EXERCISES.md": "EXERCISES.md", COURSE / "test_exercises.py": "test_exercises.py"})
 REGION = re.compile(r"^( *)# exercise (\d+): begin\n.*?^ *# exercise \2: end\n", re.M | re.S)
 
 
@@ -55,13 +59,12 @@ def make(out):
     if out.exists():
         sys.exit(f"error: {out} exists; give a new folder")
     out.mkdir(parents=True)
-    for name in SHIPPED:
-        src = HERE / name
+    for src, name in SHIPPED.items():
         if src.is_dir():
-            shutil.copytree(src, out / name)
+            shutil.copytree(src, out / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, out / name)
-    (out / "ddpo.py").write_text(cut((HERE / "ddpo.py").read_text()))
+    (out / "ddpo.py").write_text(cut((ROOT / "ddpo.py").read_text()))
     sheet = (out / "EXERCISES.md").read_text()
     (out / "EXERCISES.md").write_text(sheet.split("\n## Solutions")[0].rstrip() + "\n")
     return out
@@ -99,7 +102,7 @@ def check():
             for name, why in mine.items():
                 if why is None or f"exercise {n}:" not in why:
                     problems.append(f"{name} does not fail with exercise {n}'s message in the student copy")
-        shutil.copy2(HERE / "ddpo.py", copy / "ddpo.py")  # the reference bodies back in
+        shutil.copy2(ROOT / "ddpo.py", copy / "ddpo.py")  # the reference bodies back in
         for name, why in graded(copy).items():
             if why is not None:
                 problems.append(f"{name} fails with the reference ddpo.py: {why.splitlines()[0] if why else ''}")

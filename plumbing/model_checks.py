@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from files import first_line
+from plumbing.files import first_line
 
 
 def check_scheduler(scheduler, num_steps):

@@ -15,7 +15,7 @@ import signal
 import torch
 from tqdm import tqdm
 
-from files import RunError, fail, why
+from plumbing.files import RunError, fail, why
 
 
 def distributed():

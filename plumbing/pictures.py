@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints import read_metrics
-from files import atomic_file, write_text
+from plumbing.checkpoints import read_metrics
+from plumbing.files import atomic_file, write_text
 from rewards import to_pil
 
 
@@ -61,7 +61,7 @@ def plot_reward_curve(history, path):
 
 def before_after(run_dir, path, label):
     """The run's first and last sample grids side by side, captioned with their mean eval reward: the README's
-    pictures. python -c "import pictures; pictures.before_after('runs/NAME', 'docs/x.png', 'DDPO_IS')"."""
+    pictures. python -c "from plumbing import pictures; pictures.before_after('runs/NAME', 'docs/x.png', 'DDPO_IS')"."""
     from PIL import Image, ImageDraw
 
     run_dir = Path(run_dir)

@@ -1,4 +1,4 @@
-"""The tiny built-in model: a toy image world and the two-stage pretraining that produced tiny_model/.
+"""The tiny built-in model: a toy image world and the two-stage pretraining that produced world/tiny_model/.
 
 DDPO fine-tunes a *pretrained* model: RL only reweights what the model can already draw. So the built-in model
 is a small Stable Diffusion v1: a VAE (AutoencoderKL, 32x32 images <-> 4x8x8 latents), a UNet2DConditionModel on
@@ -13,19 +13,20 @@ drawn 32x32 pictures:
     incompressibility fill them with confetti: both rewards have room to move.
 
 Stage 1 trains the VAE on the world's pictures at every strength from flat to the busiest (s uniform in
-[0, 1]), so that it keeps the whole range of both rewards (python tiny_world.py --reward-range measures it).
+[0, 1]), so that it keeps the whole range of both rewards (python -m world.tiny_world --reward-range measures it).
 Stage 2 trains the UNet and the text encoder with the DDPM loss (ddpo.ddpm_loss, the loss RWR uses) on the
-latents of the world as it is drawn. Normal use never runs this file: tiny_model/ ships with the repository.
-To rebuild it (the same seed on the same machine and thread count gives the same files):
+latents of the world as it is drawn. Normal use never runs this file: the models ship with the repository.
+To rebuild them, from the repository's root (the same seed on the same machine and thread count gives the same
+files):
 
-    python tiny_world.py --seed 0 --out tiny_model    # both stages: 17 min on 2 CPU cores (measured)
-    python tiny_world.py --flow --seed 0 --out tiny_flow_model   # the tiny flow model on tiny_model's VAE: 15 min
+    python -m world.tiny_world --seed 0 --out world/tiny_model    # both stages: 17 min on 2 CPU cores (measured)
+    python -m world.tiny_world --flow --seed 0 --out world/tiny_flow_model   # on tiny_model's VAE: 15 min
 
-The tiny flow model (tiny_flow_model/) is the same world for Flow-GRPO: a StableDiffusion3Pipeline whose
+The tiny flow model (world/tiny_flow_model/) is the same world for Flow-GRPO: a StableDiffusion3Pipeline whose
 SD3Transformer2DModel (joint attention over 16 image and 16 text tokens) and two CLIP text encoders learn stage 2
 with the flow-matching loss (ddpo.flow_matching_loss) on the frozen VAE of tiny_model/; it has no T5.
-    python tiny_world.py --reward-range               # the two JPEG rewards' reference points (under a minute)
-    python tiny_world.py --ddpm-loss                  # the DDPM loss on the model's own samples and on the world's
+    python -m world.tiny_world --reward-range   # the two JPEG rewards' reference points (under a minute)
+    python -m world.tiny_world --ddpm-loss      # the DDPM loss on the model's own samples and on the world's
 """
 import argparse
 import zlib
@@ -36,8 +37,7 @@ import torch
 from tqdm import tqdm
 
 import ddpo
-import files
-import model_checks
+from plumbing import files, model_checks
 import rewards
 
 SIZE, TILE = 32, 4  # pixels; the tiles are the VAE's 4x downsampling, so a tile is one latent position
@@ -366,7 +366,7 @@ def build(seed, out, vae_steps=1500, unet_steps=4000):
     print(f"saved {out}")
 
 
-def build_flow(seed, out, steps=5000, vae="tiny_model"):
+def build_flow(seed, out, steps=5000, vae=ddpo.TINY_MODELS["tiny"]):
     """The tiny flow model: the tiny model's VAE (frozen, stage 1 is not repeated), then stage 2 with the flow-matching
     loss on a fresh transformer and text encoders, saved as a StableDiffusion3Pipeline folder."""
     from diffusers import AutoencoderKL
@@ -466,7 +466,8 @@ def ddpm_loss_gap(n=64, seed=0, model="tiny", draws=8):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Pretrain the tiny built-in model on the toy world (VAE, then UNet).")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="tiny_model", help="output folder (StableDiffusionPipeline.save_pretrained)")
+    p.add_argument("--out", help="output folder (StableDiffusionPipeline.save_pretrained); default: world/tiny_model, "
+                   "with --flow world/tiny_flow_model")
     p.add_argument("--vae-steps", type=int, default=1500, help="stage 1: VAE optimizer steps of batch 64")
     p.add_argument("--unet-steps", type=int, default=4000, help="stage 2: UNet optimizer steps of batch 64")
     p.add_argument("--flow", action="store_true", help="build the tiny flow model instead (stage 2 only, on "
@@ -483,6 +484,6 @@ if __name__ == "__main__":
     elif a.ddpm_loss:
         ddpm_loss_gap(seed=a.seed, model=a.model)
     elif a.flow:
-        build_flow(a.seed, a.out if a.out != "tiny_model" else "tiny_flow_model", a.flow_steps)
+        build_flow(a.seed, a.out or ddpo.TINY_MODELS["tiny-flow"], a.flow_steps)
     else:
-        build(a.seed, a.out, a.vae_steps, a.unet_steps)
+        build(a.seed, a.out or ddpo.TINY_MODELS["tiny"], a.vae_steps, a.unet_steps)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checkpoints import checkpoints, holds_run, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
-from files import RunError, check_writable, fail, why, write_text
-from pictures import plot_reward_curve
-from processes import CollectiveFailed, CtrlC, bars, distributed, gather_objects, together
+from plumbing.checkpoints import checkpoints, holds_run, latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
+from plumbing.files import RunError, check_writable, fail, why, write_text
+from plumbing.pictures import plot_reward_curve
+from plumbing.processes import CollectiveFailed, CtrlC, bars, distributed, gather_objects, together
 
 
 class Run:

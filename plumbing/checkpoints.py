@@ -5,12 +5,14 @@ A checkpoint is written to epoch_NNNN.tmp and renamed (files.atomic_folder), so 
 only the newest is kept.
 """
 import json
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from files import RunError, atomic_folder, fail, why
+from plumbing.files import RunError, atomic_folder, fail, why
 
 
 def is_run(path):
@@ -49,6 +51,21 @@ def load_trainable(models, path):
     models.denoiser.load_state_dict(state, strict=False)
 
 
+def load_run_weights(models, run_dir):
+    """The trainable weights of a run's last checkpoint, into models loaded as its base model; one line if damaged."""
+    checkpoint = latest_checkpoint(run_dir)
+    try:
+        load_trainable(models, checkpoint / "trainable.safetensors")
+    except Exception as e:  # a truncated file fails in safetensors; a mismatch in load_trainable
+        fail(f"checkpoint {checkpoint} is damaged ({why(e)})")
+
+
+def numpy_rng_state():
+    """numpy's global RNG state, its key as a list: torch.load(weights_only=True) takes no numpy array."""
+    name, key, *rest = np.random.get_state()
+    return (name, key.tolist(), *rest)
+
+
 def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, scaler=None, value=None):
     """Everything a round depends on. A write that fails (a full disk) leaves no .tmp and the last checkpoint."""
     from safetensors.torch import save_file
@@ -59,7 +76,8 @@ def save_checkpoint(run_dir, epoch, models, optimizer, tracker, rng, generator, 
             save_file(trainable_state(models), tmp / "trainable.safetensors")
             torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "tracker": tracker.buffers,
                         "python_rng": rng.getstate(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(),
+                        "torch_rng": torch.get_rng_state(),  # the global RNGs, which a reward of your own may draw from
+                        "random_rng": random.getstate(), "numpy_rng": numpy_rng_state(),
                         "scaler": scaler.state_dict() if scaler else {},  # fp16's loss scale: {} when not in use
                         **({"value": value[0].state_dict(), "value_optimizer": value[1].state_dict()} if value else {})},
                        tmp / "state.pt")
@@ -79,6 +97,10 @@ def load_checkpoint(folder, models, optimizer, tracker, rng, generator, scaler=N
         rng.setstate(state["python_rng"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if "numpy_rng" in state:  # not in the checkpoints written before python's and numpy's RNGs were saved
+            random.setstate(state["random_rng"])
+            name, key, *rest = state["numpy_rng"]  # as numpy_rng_state wrote it
+            np.random.set_state((name, np.array(key, np.uint32), *rest))
         if scaler and scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if value:  # DPOK's V_φ and its optimizer
