@@ -127,14 +127,14 @@ class Args:
     value_lr: float = arg(1e-3, "AdamW learning rate of the value function V_φ (--advantage value)")
     value_steps: int = arg(8, "gradient steps a round fitting V_φ to the round's rewards (--advantage value)")
     # --- the learned rewards' models (rewards.py): hub ids, or local folders to work offline
-    clip_model: str = arg(*rewards_lib.MODEL_OPTIONS["clip_model"])
-    aesthetic_head: str = arg(*rewards_lib.MODEL_OPTIONS["aesthetic_head"])
-    vlm: str = arg(*rewards_lib.MODEL_OPTIONS["vlm"])
-    bertscore_model: str = arg(*rewards_lib.MODEL_OPTIONS["bertscore_model"])
-    pickscore_model: str = arg(*rewards_lib.MODEL_OPTIONS["pickscore_model"])
-    pickscore_processor: str = arg(*rewards_lib.MODEL_OPTIONS["pickscore_processor"])
-    imagereward_model: str = arg(*rewards_lib.MODEL_OPTIONS["imagereward_model"])
-    imagereward_tokenizer: str = arg(*rewards_lib.MODEL_OPTIONS["imagereward_tokenizer"])
+    clip_model: str = arg(*rewards_lib.model_option("clip_model"))
+    aesthetic_head: str = arg(*rewards_lib.model_option("aesthetic_head"))
+    vlm: str = arg(*rewards_lib.model_option("vlm"))
+    bertscore_model: str = arg(*rewards_lib.model_option("bertscore_model"))
+    pickscore_model: str = arg(*rewards_lib.model_option("pickscore_model"))
+    pickscore_processor: str = arg(*rewards_lib.model_option("pickscore_processor"))
+    imagereward_model: str = arg(*rewards_lib.model_option("imagereward_model"))
+    imagereward_tokenizer: str = arg(*rewards_lib.model_option("imagereward_tokenizer"))
 
 
 # ----------------------------------------------------------------------------------------------------------

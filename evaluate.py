@@ -6,7 +6,11 @@
 Both models sample the same 16 prompts of each set with the same noise (a stream of its own, never a training
 sample's), in the run's precision unless --mixed-precision is given. Writes RUN/eval/train.png and heldout.png
 (base | fine-tuned side by side, each captioned with its reward) and RUN/eval/eval.json (the mean rewards).
+--judge scores the same pictures with a second reward that is not the run's (captioned "reward / judge"), to see
+whether what the reward rose for is what was wanted; with the toy world's rater:
+    python evaluate.py runs/NAME --judge world.judges:taste
 """
+import dataclasses
 import json
 import os
 import random
@@ -29,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-prompts", default="", help="held-out prompt set; default: the run's reward's "
                                                       "generalisation set (rewards.HELDOUT_PROMPTS)")
     p.add_argument("--seed", type=int, default=0, help="fixes the prompts drawn and the noise, the same for both models")
+    p.add_argument("--judge", default="", help="a second reward (a --reward name or module:function, e.g. "
+                   "world.judges:taste) that scores the same pictures beside the run's; its models as the run's flags say")
     p.add_argument("--device", default=ddpo.Args.device, help="torch device")
     p.add_argument("--mixed-precision", choices=tuple(ddpo.PRECISIONS), default=None,
                    help="no | fp16 | bf16; default: the run's own")
@@ -61,6 +67,7 @@ def evaluate(args):
     run = ddpo.load_run_args(args.run)
     run.device, run.mixed_precision = args.device, args.mixed_precision or run.mixed_precision
     reward_fn = ddpo.load_reward(run)
+    judge_fn = args.judge and ddpo.load_reward(dataclasses.replace(run, reward=args.judge))
     names = {"train": run.prompts, "heldout": args.eval_prompts or HELDOUT_PROMPTS.get(run.reward, "unseen_animals")}
     prompt_sets = {name: load_prompts(spec) for name, spec in names.items()}
     out = Path(args.run) / "eval"
@@ -73,18 +80,27 @@ def evaluate(args):
             noise = ddpo.noise_generators(args.seed, range(len(prompts)), stream=2)  # the same for base and tuned
             _, images = ddpo.sample(models, prompts, run, noise, run.sample_batch_size, f"{which} {name}")
             r, _ = compute_rewards(reward_fn, run.reward, images, prompts)
-            results.setdefault(name, {})[which] = (images, r)
+            judged = compute_rewards(judge_fn, args.judge, images, prompts)[0] if judge_fn else None
+            results.setdefault(name, {})[which] = (images, r, judged)
         del models  # one UNet in memory at a time
     summary = {}
     with atomic_folder(out) as tmp:  # the grids and eval.json of one evaluation together, or the older ones kept
         for name, res in results.items():
-            (base_images, base_r), (tuned_images, tuned_r) = res["base"], res["tuned"]
+            (base_images, base_r, base_j), (tuned_images, tuned_r, tuned_j) = res["base"], res["tuned"]
             images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
-            captions = [f"{w} {v:.3g}" for b, t in zip(base_r.tolist(), tuned_r.tolist()) for w, v in (("base", b), ("tuned", t))]
+            judged = (base_j.tolist(), tuned_j.tolist()) if judge_fn else ([None] * len(base_r),) * 2
+            captions = [f"{w} {v:.3g}" + (f" / {j:.3g}" if j is not None else "")  # reward / judge
+                        for b, t, bj, tj in zip(base_r.tolist(), tuned_r.tolist(), *judged)
+                        for w, v, j in (("base", b, bj), ("tuned", t, tj))]
             save_grid(images, captions, tmp / f"{name}.png")
             summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
                              "tuned_reward_mean": tuned_r.mean().item()}
-            print(f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}")
+            line = f"{name:8s} ({summary[name]['prompts']}): base {base_r.mean():.4g} → fine-tuned {tuned_r.mean():.4g}"
+            if judge_fn:
+                summary[name].update(judge=args.judge, base_judge_mean=base_j.mean().item(),
+                                     tuned_judge_mean=tuned_j.mean().item())
+                line += f"; judge {args.judge}: base {base_j.mean():.4g} → fine-tuned {tuned_j.mean():.4g}"
+            print(line)
         write_text(tmp / "eval.json", json.dumps(summary, indent=2) + "\n")
     print(f"grids and eval.json in {out}")
     return summary

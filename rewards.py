@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from plumbing.files import RunError, fail, why
+from world import TINY_JUDGES
 
 
 def to_pil(images):
@@ -351,7 +352,8 @@ HELDOUT_PROMPTS = {  # the paper's generalisation checks: prompts the fine-tunin
     "imagereward": "unseen_animals",
 }
 
-MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by default, or a local folder
+MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by default, or a local folder; 'tiny' names
+    # the toy world's judge (world.TINY_JUDGES) where there is one
     "clip_model": ("openai/clip-vit-large-patch14", "CLIP for aesthetic and clipscore"),
     "aesthetic_head": ("trl-lib/ddpo-aesthetic-predictor", "LAION aesthetic MLP: hub repo holding "
                        "aesthetic-model.pth, or a local .pth file"),
@@ -362,6 +364,13 @@ MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by def
     "imagereward_model": ("THUDM/ImageReward", "ImageReward: hub repo or folder holding ImageReward.pt and med_config.json"),
     "imagereward_tokenizer": ("bert-base-uncased", "ImageReward's BERT tokenizer"),
 }
+
+
+def model_option(name):
+    """ddpo.Args' default and --help of a model option: its hub id, or '' (unset) where the toy world has a judge,
+    which the command line's completion fills in: 'tiny' with the tiny models, the hub id otherwise."""
+    default, help = MODEL_OPTIONS[name]
+    return ("", f"{help}; default: 'tiny' with the tiny models, else {default}") if name in TINY_JUDGES else (default, help)
 
 
 def import_reward(spec):
@@ -405,7 +414,14 @@ def make_reward(name, device, **options):
     if isinstance(reward, type):
         wanted = getattr(reward, "OPTIONS", ())
         defaults = {k: MODEL_OPTIONS[k][0] for k in wanted if k in MODEL_OPTIONS}
-        return reward(device, **{**defaults, **{k: v for k, v in options.items() if k in wanted}})
+        chosen = {**defaults, **{k: v for k, v in options.items() if k in wanted and v}}  # '': unset
+        for k, v in chosen.items():  # 'tiny': the judge trained on the toy world (world/judges.py)
+            if v == "tiny":
+                if k not in TINY_JUDGES:
+                    raise RewardLoadError(f"the toy world has no tiny judge for --{k.replace('_', '-')}; name a "
+                                          f"model or a local folder")
+                chosen[k] = str(TINY_JUDGES[k])
+        return reward(device, **chosen)
     return reward
 
 

@@ -27,7 +27,7 @@ import export
 from plumbing import files
 from plumbing import model_checks
 import rewards
-from world import tiny_world
+from world import TINY_JUDGES, drawing, tiny_world
 
 HERE = Path(__file__).resolve().parent
 
@@ -308,7 +308,7 @@ def test_each_reward_model_flag_reaches_the_reward(flag, monkeypatch):
     args = ddpo.parse_args(["--reward", "aesthetic", flag, "/my/own/" + option])
     ddpo.load_reward(args)
     assert seen[option] == "/my/own/" + option
-    assert all(v == rewards.MODEL_OPTIONS[k][0] for k, v in seen.items() if k != option)
+    assert all(v == ("tiny" if k in TINY_JUDGES else rewards.MODEL_OPTIONS[k][0]) for k, v in seen.items() if k != option)
 
 
 def test_the_trained_timesteps_and_minibatches_are_the_ones_the_flags_select(random_model_dir, monkeypatch):
@@ -942,27 +942,27 @@ def palette_accuracy(images, prompts):
     """How often the image's border colour is nearest to the background colour its prompt picks (chance: 1/8)."""
     border = torch.cat([images[:, :, [0, 1, -2, -1], :].flatten(2), images[:, :, :, [0, 1, -2, -1]].flatten(2)], 2)
     colour = border.median(dim=2).values.numpy()  # (B, 3); the median ignores the stripes' swing
-    backgrounds = np.array([bg for bg, _ in tiny_world.PALETTES])
+    backgrounds = np.array([bg for bg, _ in drawing.PALETTES])
     nearest = np.argmin(((colour[:, None] - backgrounds[None]) ** 2).sum(-1), axis=1)
-    wanted = [tiny_world.prompt_attributes(p, None)[0] for p in prompts]
+    wanted = [drawing.prompt_attributes(p, None)[0] for p in prompts]
     return float(np.mean(nearest == np.array(wanted)))
 
 
 def test_palette_accuracy_measures_the_toy_world():
     rng = np.random.default_rng(0)
     prompts = tiny_world.all_prompts()[:64]
-    toy = torch.from_numpy(np.stack([tiny_world.draw(p, rng) for p in prompts])) / 2 + 0.5
+    toy = torch.from_numpy(np.stack([drawing.draw(p, rng) for p in prompts])) / 2 + 0.5
     assert palette_accuracy(toy, prompts) >= 0.95  # 63 of 64: the busiest tiles can move a border's median
     shuffled = random.Random(1).sample(prompts, len(prompts))
     assert palette_accuracy(toy, shuffled) < 0.3  # the wrong prompts: near chance
 
 
 def test_draw_at_a_strength_is_the_same_picture_with_other_tiles():
-    """tiny_world.draw(strength=s), which --reward-range measures: the same palette, shape and place as the draw from
+    """drawing.draw(strength=s), which --reward-range measures: the same palette, shape and place as the draw from
     the same random numbers, with the background's 4x4 tiles at strength s: one colour at 0, the busiest at 1."""
     seed = 3
-    drawn, flat, busy = (tiny_world.draw("a cat", np.random.default_rng(seed), s) for s in (None, 0.0, 1.0))
-    bg, fg = (np.array(c, dtype=np.float32) * 2 - 1 for c in tiny_world.PALETTES[tiny_world.prompt_attributes("a cat", None)[0]])
+    drawn, flat, busy = (drawing.draw("a cat", np.random.default_rng(seed), s) for s in (None, 0.0, 1.0))
+    bg, fg = (np.array(c, dtype=np.float32) * 2 - 1 for c in drawing.PALETTES[drawing.prompt_attributes("a cat", None)[0]])
     shape = np.isclose(flat, fg[:, None, None]).all(0)
     assert 20 < shape.sum() < 32 * 32 - 200 and np.isclose(flat[:, ~shape], bg[:, None]).all()  # two colours: bg, fg
     assert np.array_equal(drawn[:, shape], flat[:, shape]) and np.array_equal(busy[:, shape], flat[:, shape])
@@ -974,11 +974,11 @@ def test_draw_at_a_strength_is_the_same_picture_with_other_tiles():
 
 
 def test_world_strengths_are_log_normal_around_the_median():
-    s = np.array([tiny_world.world_strength(np.random.default_rng([7, i])) for i in range(4000)])
+    s = np.array([drawing.world_strength(np.random.default_rng([7, i])) for i in range(4000)])
     # statistical, not rounding: the median's log has standard error 1.25·0.6/√4000 = 0.012, so rel 0.05 is 4.1 of
     # them; the log-std's is 0.6/√8000 = 0.0067, so rel 0.05 (0.03) is 4.5: false failure rate ≤ 5e-5
-    assert np.median(s) == pytest.approx(tiny_world.STRENGTH_MEDIAN, rel=0.05)
-    assert np.log(s).std() == pytest.approx(tiny_world.STRENGTH_SPREAD, rel=0.05)
+    assert np.median(s) == pytest.approx(drawing.STRENGTH_MEDIAN, rel=0.05)
+    assert np.log(s).std() == pytest.approx(drawing.STRENGTH_SPREAD, rel=0.05)
 
 
 def test_reward_range_sizes_images_as_the_reward_sees_them(random_models):

@@ -17,7 +17,7 @@ import torch
 import rewards
 from plumbing.checkpoints import is_run
 from plumbing.files import fail, first_line, why
-from world import TINY_MODELS
+from world import TINY_JUDGES, TINY_MODELS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -166,14 +166,18 @@ def complete(args, round_plan, typed=frozenset(), error=fail):
     if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
         error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
     args.prompts = args.prompts or rewards.DEFAULT_PROMPTS.get(args.reward, "simple_animals")
+    base = args.model
     if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full denoiser
-        rank = load_run_args(type(args), args.model).lora_rank
-        if "lora_rank" in typed and args.lora_rank != rank:
-            error(f"--model {args.model} is a run trained with LoRA rank {rank}; --lora-rank {args.lora_rank} "
+        run = load_run_args(type(args), args.model)
+        if "lora_rank" in typed and args.lora_rank != run.lora_rank:
+            error(f"--model {args.model} is a run trained with LoRA rank {run.lora_rank}; --lora-rank {args.lora_rank} "
                     f"cannot change that")
-        args.lora_rank = rank
+        args.lora_rank, base = run.lora_rank, run.model
     elif args.lora_rank is None:
         args.lora_rank = 0 if args.model in TINY_MODELS else 4
+    for name in TINY_JUDGES:  # '' (unset): the toy world's judge with the tiny models, the hub's model otherwise
+        if not getattr(args, name):
+            setattr(args, name, "tiny" if base in TINY_MODELS else rewards.MODEL_OPTIONS[name][0])
     reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in args.reward)  # module:fn, path/file.py:fn
     args.run_name = args.run_name or f"{reward}__{args.algo}__{args.seed}__{int(time.time())}"
     return args

@@ -257,6 +257,23 @@ def test_a_full_disk_in_the_middle_of_an_epoch_is_one_line_leaves_no_half_file_a
     assert [json.loads(row)["epoch"] for row in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
+def test_evaluate_judge_scores_the_same_pictures_beside_the_reward(tmp_path):
+    """--judge incompressibility on a compressibility run: the judge of every cell is minus its reward, exactly (both
+    the JPEG size of the same 8-bit picture), captioned beside it, and eval.json's judge means are minus the reward
+    means (negation is exact in float32)."""
+    run = train(tmp_path, "run", "--lr", "1e-2")  # a step large enough that base and fine-tuned differ
+    summary = evaluate.main([str(run), "--seed", "3", "--judge", "incompressibility"])
+    for name in ("train", "heldout"):
+        tiles, strips = grid_tiles(run / "eval" / f"{name}.png", 32, side=32)
+        r = torch.tensor([minus_jpeg_kb(tile) for tile in tiles], dtype=torch.float32)
+        for i, (strip, v) in enumerate(zip(strips, r.tolist())):
+            assert (strip == caption_strip(f"{('base', 'tuned')[i % 2]} {v:.3g} / {-v:.3g}")).all(), (name, i)
+        assert summary[name]["judge"] == "incompressibility"
+        for which in ("base", "tuned"):
+            assert summary[name][f"{which}_judge_mean"] == -summary[name][f"{which}_reward_mean"]
+    assert json.loads((run / "eval" / "eval.json").read_text()) == summary
+
+
 def test_evaluate_on_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, main_error):
     """eval/ is written whole or not at all: a full disk at its second grid leaves the evaluation before it (its
     grids and eval.json from one evaluation, not this one's train.png beside an older heldout.png)."""

@@ -17,7 +17,7 @@ import ddpo
 from conftest import rescoring_rounding_bound
 import evaluate
 import export
-from world import tiny_world
+from world import drawing, tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -490,7 +490,7 @@ def test_the_tiny_flow_model_is_an_sd3_pipeline_that_draws_the_prompts_palette()
     _, images = ddpo.sample(models, prompts, args, ddpo.noise_generators(0, range(len(prompts))), len(prompts))
     border = torch.cat([images[:, :, :4].flatten(2), images[:, :, -4:].flatten(2)], 2).mean(2)  # (B, 3) background
     rng = __import__("numpy").random.default_rng(0)
-    palettes = torch.tensor([tiny_world.PALETTES[tiny_world.prompt_attributes(p, rng)[0]][0] for p in prompts])
+    palettes = torch.tensor([drawing.PALETTES[drawing.prompt_attributes(p, rng)[0]][0] for p in prompts])
     other = palettes.roll(4, 0)  # the next prompt's palette
     differ = (palettes != other).any(1)
     assert differ.sum() >= 12  # most neighbours have different palettes

@@ -215,8 +215,9 @@ def test_unloadable_model_names_the_model_and_the_flag():
 
 
 def test_cli_reward_model_offline_is_one_line_before_anything_is_written(tmp_path):
+    """The hub's CLIP named (the tiny models' default is the toy world's), with the hub unreachable."""
     result = subprocess.run([sys.executable, ddpo.__file__, "--reward", "aesthetic", *SHORT_RUN,
-                             "--out-dir", str(tmp_path / "runs")],
+                             "--clip-model", "openai/clip-vit-large-patch14", "--out-dir", str(tmp_path / "runs")],
                             capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert result.returncode != 0 and len(lines) == 1, result.stderr

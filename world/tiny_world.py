@@ -27,9 +27,11 @@ SD3Transformer2DModel (joint attention over 16 image and 16 text tokens) and two
 with the flow-matching loss (ddpo.flow_matching_loss) on the frozen VAE of tiny_model/; it has no T5.
     python -m world.tiny_world --reward-range   # the two JPEG rewards' reference points (under a minute)
     python -m world.tiny_world --ddpm-loss      # the DDPM loss on the model's own samples and on the world's
+The tiny judges (world/judges/: a CLIP and LAION's aesthetic head, trained on the world's pictures; world/judges.py):
+    python -m world.tiny_world --judges --seed 0    # the CLIP, then the rated pictures and the head: 20 min
+    python -m world.tiny_world --judges-check       # how right they are, on freshly drawn pictures: under a minute
 """
 import argparse
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,61 +41,7 @@ from tqdm import tqdm
 import ddpo
 from plumbing import files, model_checks
 import rewards
-
-SIZE, TILE = 32, 4  # pixels; the tiles are the VAE's 4x downsampling, so a tile is one latent position
-STRENGTH_MEDIAN, STRENGTH_SPREAD = 0.2, 0.6  # the world's tile strength: s = 0.2 · exp(0.6 · N(0, 1))
-PALETTES = [  # (background, shape) colours in [0, 1]
-    ((0.95, 0.90, 0.75), (0.80, 0.15, 0.10)), ((0.15, 0.25, 0.55), (0.95, 0.80, 0.20)),
-    ((0.20, 0.50, 0.25), (0.95, 0.95, 0.95)), ((0.85, 0.85, 0.90), (0.10, 0.10, 0.15)),
-    ((0.60, 0.20, 0.50), (0.40, 0.90, 0.80)), ((0.95, 0.60, 0.20), (0.15, 0.35, 0.80)),
-    ((0.10, 0.10, 0.10), (0.90, 0.40, 0.60)), ((0.55, 0.75, 0.95), (0.35, 0.20, 0.10)),
-]
-SHAPES = ("circle", "square", "triangle")
-
-
-def word_hash(word):
-    return zlib.crc32(word.lower().encode())
-
-
-def prompt_attributes(prompt, rng):
-    """What the prompt fixes: (palette, shape). Words pick them, so the text encoder can learn the mapping:
-    the subject (the first word but a/an) picks the palette, the last word the shape ("a cat riding a bike":
-    cat's palette, bike's shape). The empty prompt (unconditional) draws both at random."""
-    words = [w for w in prompt.split() if w.lower() not in ("a", "an")]
-    if not words:
-        return int(rng.integers(len(PALETTES))), int(rng.integers(len(SHAPES)))
-    return word_hash(words[0]) % len(PALETTES), word_hash(words[-1]) % len(SHAPES)
-
-
-def world_strength(rng):
-    """The tile strength s of one picture of the world: log-normal around 0.2 (90% of pictures in 0.075–0.54)."""
-    return STRENGTH_MEDIAN * float(np.exp(STRENGTH_SPREAD * rng.standard_normal()))
-
-
-def draw(prompt, rng, strength=None):
-    """One toy image for a prompt, (3, 32, 32) in [-1, 1] like the VAE's input. strength: the tiles' s; None draws
-    the world's. The same random numbers are drawn either way, so draw(p, rng_i, 0) is draw(p, rng_i)'s picture
-    with a flat background, and draw(p, rng_i, 1) the same picture with the busiest background."""
-    palette, shape = prompt_attributes(prompt, rng)
-    bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in PALETTES[palette])
-    s = world_strength(rng)
-    s = s if strength is None else strength
-    offsets = rng.uniform(-1, 1, (3, SIZE // TILE, SIZE // TILE)).astype(np.float32)
-    image = np.clip(bg + s * offsets.repeat(TILE, 1).repeat(TILE, 2), 0, 1)
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    cy, cx, r = rng.uniform(11, 21), rng.uniform(11, 21), rng.uniform(5, 7)
-    if SHAPES[shape] == "circle":
-        mask = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
-    elif SHAPES[shape] == "square":
-        mask = (np.abs(y - cy) <= r * 0.85) & (np.abs(x - cx) <= r * 0.85)
-    else:  # triangle pointing up
-        mask = (y <= cy + r * 0.8) & (np.abs(x - cx) <= (y - (cy - r)) * 0.6)
-    image = np.where(mask[None], fg, image)
-    return (image * 2 - 1).astype(np.float32)
-
-
-def draw_batch(prompts, rng, strength=None):
-    return torch.from_numpy(np.stack([draw(p, rng, strength) for p in prompts]))
+from world.drawing import SIZE, TILE, draw, draw_batch
 
 
 def all_prompts():
@@ -477,10 +425,17 @@ if __name__ == "__main__":
                    "flat and with the busiest backgrounds, as the reward sees them (VAE + last-step noise), and exit")
     p.add_argument("--ddpm-loss", action="store_true", help="print the DDPM loss of --model on its own samples and on "
                    "the world's pictures (what RWR trains on, against what it was pretrained on), and exit")
+    p.add_argument("--judges", action="store_true", help="build the tiny judges instead (world/judges.py): a CLIP "
+                   "and LAION's aesthetic head, trained on the world's pictures, written to world/judges/")
+    p.add_argument("--judges-check", action="store_true", help="print how right the tiny judges are on freshly drawn "
+                   "pictures (the CLIP's caption matching, the aesthetic head's rank correlation with the rater), and exit")
     p.add_argument("--model", default="tiny", help="with --reward-range or --ddpm-loss: the model (or a run folder)")
     a = p.parse_args()
     if a.reward_range:
         reward_range(seed=a.seed, model=a.model)
+    elif a.judges or a.judges_check:
+        from world import judges
+        judges.check() if a.judges_check else judges.build(a.seed, a.out or judges.TINY_JUDGES["clip_model"].parent)
     elif a.ddpm_loss:
         ddpm_loss_gap(seed=a.seed, model=a.model)
     elif a.flow:

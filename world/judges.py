@@ -1,0 +1,258 @@
+"""The tiny judges: the learned rewards' models, small and trained on the toy world, and the world's own rater.
+
+The paper scores aesthetic quality with hub models (§5.2: LAION's MLP on CLIP ViT-L/14 image embeddings). Here the
+same classes are small and trained on the toy world's pictures, whose generator knows exactly what it drew:
+  - a CLIP (CLIPModel and its CLIPProcessor, world/judges/clip/), trained contrastively on pictures and captions.
+    Half the captions are the prompt alone; the rest add, as alt-text does, some of what the picture shows: the
+    shape's size and the background ("a cat, large, lively background"). It serves --reward clipscore, pickscore
+    (PickScore is a CLIP) and the aesthetic reward's embedding;
+  - an aesthetic head in LAION's format (rewards.aesthetic_mlp, world/judges/aesthetic-model.pth), fitted by
+    regression to the world's rater's scores, with noise, of pictures embedded by that CLIP, as LAION's head was
+    fitted to people's ratings. Half of the pictures they learn from are drawn as the tiny model draws them (through
+    its VAE and back), so build world/tiny_model/ first;
+  - the rater: `taste`, a stated toy taste measured on the pixels (below). Its noiseless score is the judge that is
+    not the reward: `python evaluate.py RUN --judge world.judges:taste` reports it beside the learned reward.
+
+With the tiny models, --clip-model, --aesthetic-head, --pickscore-model and --pickscore-processor default to 'tiny'
+(these folders); a flag naming another model wins. Rebuild (the same seed on one machine gives the same files):
+
+    python -m world.tiny_world --judges --seed 0    # CLIP, then the ratings and the head
+    python -m world.tiny_world --judges-check       # how right they are, on freshly drawn pictures
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from world import TINY_JUDGES, TINY_MODELS
+from world.drawing import PALETTES, draw, prompt_attributes
+
+# The rater's taste: a large subject on a lively (textured, not busy) background. Both vary in the base model's
+# pictures: the shape's size r in RADIUS, the tiles' strength s around 0.2 (world.drawing).
+BEST_AREA = 0.15  # the subject's share of the picture, beyond which bigger is no better (a circle of r = 7: 0.150)
+BEST_TEXTURE = 0.13  # the background's mean distance from its flat colour that the rater likes best (s ≈ 0.3)
+TEXTURE_WEIGHT = 20  # points lost per unit of texture away from the best: a busy (s = 1) background loses 2.8
+RATING_NOISE = 0.5  # the std of a rating around the taste, as people's ratings scatter
+NEAR = 0.25  # RGB distance within which a pixel has the subject's colour (busy tiles rarely come this close)
+
+
+def measure(images, prompts):
+    """What the rater looks at, measured on the pixels of images (B, 3, H, W) in [0, 1], with each prompt's
+    palette: the subject's area (the share of pixels within NEAR of the shape's colour and nearer it than the
+    background's) and the background's texture (the mean absolute difference from the flat background colour, over
+    the pixels nearer the background's colour). Returns (area, texture), each (B,)."""
+    colours = torch.tensor([PALETTES[prompt_attributes(p, np.random.default_rng(0))[0]] for p in prompts])
+    bg, fg = colours[:, 0, :, None, None], colours[:, 1, :, None, None]  # (B, 3, 1, 1)
+    x = images.detach().float().cpu()
+    to_fg, to_bg = (x - fg).norm(dim=1), (x - bg).norm(dim=1)  # (B, H, W)
+    subject = (to_fg < NEAR) & (to_fg < to_bg)
+    background = (to_bg <= to_fg).float()
+    texture = ((x - bg).abs().mean(1) * background).sum((1, 2)) / background.sum((1, 2)).clamp(min=1)
+    return subject.float().mean((1, 2)), texture
+
+
+def taste(images, prompts):
+    """The world's rater, without noise, on a 1–10-like scale like LAION's: 5 + 40·(min(area, 0.15) − 0.1)
+    − 20·|texture − 0.13|. A reward function like any other: --reward world.judges:taste, or
+    evaluate.py --judge world.judges:taste."""
+    area, texture = measure(images, prompts)
+    return 5 + 40 * (area.clamp(max=BEST_AREA) - 0.1) - TEXTURE_WEIGHT * (texture - BEST_TEXTURE).abs()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The pictures the judges learn from
+# --------------------------------------------------------------------------------------------------------
+
+def size_word(radius):
+    return "small" if radius < 5.67 else "medium" if radius < 6.33 else "large"
+
+
+def background_word(strength):
+    return "plain" if strength < 0.1 else "calm" if strength < 0.25 else "lively" if strength < 0.5 else "busy"
+
+
+def caption(prompt, attributes):
+    """Alt-text of a picture: its prompt, then what the picture shows of its size and background."""
+    return f"{prompt}, {size_word(attributes['radius'])}, {background_word(attributes['strength'])} background"
+
+
+def judged_pictures(prompts, rng, n, vae=None):
+    """n pictures for the judges, (n, 3, 32, 32) in [0, 1], with their prompts and what was drawn. Half at the
+    world's tile strengths, half at s uniform in [0, 0.8], so the judges see the range a fine-tuned model reaches.
+    With a vae, half of them as the tiny model draws pictures: through its VAE and back (their labels stay exact:
+    the rater scores the picture it is shown)."""
+    chosen = [prompts[i] for i in rng.integers(len(prompts), size=n)]
+    drawn = [draw(p, rng, strength=None if rng.random() < 0.5 else rng.uniform(0, 0.8), with_attributes=True)
+             for p in chosen]
+    images = torch.from_numpy(np.stack([image for image, _ in drawn]))
+    if vae is not None:
+        through = torch.from_numpy(rng.random(n) < 0.5)
+        with torch.no_grad():
+            if through.any():  # (the VAE's attention cannot take an empty batch)
+                images[through] = vae.decode(vae.encode(images[through]).latent_dist.mode()).sample
+    return (images / 2 + 0.5).clamp(0, 1), chosen, [a for _, a in drawn]
+
+
+def pixel_values(processor, images):
+    """The CLIP's input as the rewards make it: rewards.to_pil, then the processor."""
+    import rewards
+
+    return processor(images=rewards.to_pil(images), return_tensors="pt").pixel_values
+
+
+def build_clip(tokenizer, projection_dim=768):
+    """A random-init CLIP for 32x32 pictures: a ViT of 4x4 patches and a text transformer, each 3 layers of width 64,
+    projected to 768 dimensions, the width LAION's aesthetic head reads."""
+    from transformers import CLIPConfig, CLIPModel
+
+    return CLIPModel(CLIPConfig(projection_dim=projection_dim, vision_config=dict(
+        image_size=32, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)))
+
+
+def train_clip(clip, processor, prompts, steps, rng, vae, batch_size=128, lr=1e-3):
+    """CLIP's contrastive loss (transformers' CLIPModel(return_loss=True)) on the world's pictures and captions."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from tqdm import tqdm
+
+    optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
+    clip.train()
+    bar = tqdm(range(steps), desc="CLIP")
+    for _ in bar:
+        images, chosen, drawn = judged_pictures(prompts, rng, batch_size, vae)
+        texts = [caption(p, a) if rng.random() < 0.5 else p for p, a in zip(chosen, drawn)]
+        text = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        loss = clip(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                    pixel_values=pixel_values(processor, images), return_loss=True).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return clip.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def embed(clip, processor, images):
+    """The aesthetic reward's embedding: the L2-normalised image features (rewards.Aesthetic.embed)."""
+    return torch.cat([F.normalize(clip.get_image_features(pixel_values=pixel_values(processor, images[i:i + 256]))
+                                  .pooler_output, dim=-1) for i in range(0, len(images), 256)])
+
+
+def train_head(embeddings, ratings, steps, batch_size=256, lr=1e-3):
+    """LAION's head (rewards.aesthetic_mlp) fitted to the ratings by mean squared error, its dropout on."""
+    import rewards
+
+    head = rewards.aesthetic_mlp().train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(len(ratings), (batch_size,), generator=generator)
+        loss = F.mse_loss(head(embeddings[i]).squeeze(-1), ratings[i])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return head.eval()
+
+
+def build(seed, out=TINY_JUDGES["clip_model"].parent, clip_steps=3000, ratings=8192, head_steps=4000):
+    """The CLIP, then the ratings and the head, written to out/ whole (out.tmp renamed into place)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from plumbing import files, model_checks
+    from world import tiny_world
+
+    model_checks.quiet_libraries()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    prompts = tiny_world.all_prompts()
+    words = [caption("", dict(radius=r, strength=s)) for r in (5, 6, 7) for s in (0, 0.2, 0.3, 0.6)]
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tiny_world.build_tokenizer(prompts + words, max_length=24))
+    vae = AutoencoderKL.from_pretrained(TINY_MODELS["tiny"], subfolder="vae").eval()  # build world/tiny_model first
+    clip = train_clip(build_clip(processor.tokenizer), processor, prompts, clip_steps, rng, vae)
+    images, chosen, _ = judged_pictures(prompts, rng, ratings, vae)
+    rated = taste(images, chosen) + RATING_NOISE * torch.from_numpy(rng.standard_normal(ratings)).float()
+    head = train_head(embed(clip, processor, images), rated, head_steps)
+    with files.atomic_folder(out) as tmp:
+        clip.save_pretrained(tmp / "clip")
+        processor.save_pretrained(tmp / "clip")
+        # LAION's file keeps the Sequential as .layers (rewards.Aesthetic strips the prefix)
+        torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp / "aesthetic-model.pth")
+    print(f"saved {out}")
+
+
+def rater_references(prompts, n=4, seed=0):
+    """The rater's mean over prompts of the world as it draws them, and of the best the world can draw: each prompt's
+    palette and shape at the largest size (r = 7) on the background the rater likes best (s from 0 to 0.8 in steps
+    of 0.05), n places each (the same places for every s)."""
+    from world.drawing import RADIUS
+
+    def score(prompt, strength, radius):
+        images = torch.from_numpy(np.stack([draw(prompt, np.random.default_rng([seed, i]), strength, radius)
+                                            for i in range(n)])) / 2 + 0.5
+        return taste(images, [prompt] * n).mean().item()
+
+    drawn = np.mean([score(p, None, None) for p in prompts])
+    best = np.mean([max(score(p, s, RADIUS[1]) for s in np.arange(0, 0.81, 0.05)) for p in prompts])
+    return drawn, best
+
+
+# --------------------------------------------------------------------------------------------------------
+# How right the judges are, on pictures they never saw
+# --------------------------------------------------------------------------------------------------------
+
+def spearman(a, b):
+    """Rank correlation (no ties in continuous scores)."""
+    ranks = [torch.argsort(torch.argsort(v)).double() for v in (a, b)]
+    return torch.corrcoef(torch.stack(ranks))[0, 1].item()
+
+
+def check(n=256, seed=12345):
+    """The judges on n freshly drawn pictures: how often the CLIP picks each picture's own caption among a batch of
+    32 (by cosine, as clipscore does), and the aesthetic head's rank correlation with the rater's noiseless taste."""
+    import random
+
+    from diffusers import AutoencoderKL
+
+    import rewards
+    from plumbing import model_checks
+
+    model_checks.quiet_libraries()
+    rng = np.random.default_rng(seed)
+    training = rewards.load_prompts("simple_animals")
+    images, chosen, drawn = judged_pictures(training, rng, n)
+    clip = rewards.make_reward("clipscore", "cpu", clip_model="tiny")
+    looks = [prompt_attributes(p, rng) for p in chosen]  # what a prompt alone says: the palette and the shape
+    described = [look + (size_word(a["radius"]), background_word(a["strength"])) for look, a in zip(looks, drawn)]
+    for name, texts, seen in (("prompt + what it shows", [caption(p, a) for p, a in zip(chosen, drawn)], described),
+                              ("the prompt alone", chosen, looks)):
+        hits = alike = 0
+        for s in range(0, n, 32):
+            inputs = clip.processor(text=texts[s:s + 32], images=rewards.to_pil(images[s:s + 32]), padding=True,
+                                    return_tensors="pt")
+            with torch.no_grad():
+                picks = clip.clip(**inputs).logits_per_image.argmax(1).tolist()
+            hits += sum(i == j for i, j in enumerate(picks))
+            alike += sum(seen[s + i] == seen[s + j] for i, j in enumerate(picks))
+        print(f"CLIP, {name}: picks the picture's own caption among 32 for {hits / n:.1%}, a caption that says the "
+              f"same of a picture for {alike / n:.1%}")
+    shown = random.Random(0).choices(training, k=16)  # evaluate.py's 16 training prompts at --seed 0
+    as_drawn, best = rater_references(shown)
+    print(f"the rater on evaluate.py's 16 training prompts (--seed 0): the world as drawn {as_drawn:.3f}, the best "
+          f"the world can draw {best:.3f}")
+    aesthetic = rewards.make_reward("aesthetic", "cpu", clip_model="tiny", aesthetic_head="tiny")
+    vae = AutoencoderKL.from_pretrained(TINY_MODELS["tiny"], subfolder="vae").eval()
+    r = np.random.default_rng([seed, 1])
+    rows = {"as the world draws them": (torch.from_numpy(np.stack([draw(p, r) for p in chosen])) / 2 + 0.5, chosen),
+            "half with s uniform in [0, 0.8]": judged_pictures(training, r, n)[:2],
+            "the same, half through the tiny model's VAE": judged_pictures(training, r, n, vae)[:2]}
+    for name, (pictures, prompts) in rows.items():
+        print(f"aesthetic head, pictures {name}: rank correlation with the rater's noiseless taste "
+              f"{spearman(aesthetic(pictures, prompts), taste(pictures, prompts)):.3f}")
