@@ -13,7 +13,7 @@ Flow-GRPO (Liu et al. 2025) is the same MDP on a rectified-flow model (Stable Di
 What serves a run around the algorithm (the command line's checks, model folders, run files, checkpoints, several
 processes, Ctrl-C, pictures) lives in plumbing/, in modules named for what they hold; none of them imports this file.
 
-    python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, ~10 minutes
+    python ddpo.py --reward jpeg --algo is              # tiny built-in model, 2 CPU cores, 9 to 27 minutes
     python ddpo.py --model tiny-flow --reward jpeg      # the same on the tiny flow-matching model (Flow-GRPO)
     python ddpo.py @configs/sd14_compressibility.txt    # the paper's setup, on a GPU
     python evaluate.py runs/NAME                         # base | fine-tuned, same seeds
