@@ -117,6 +117,8 @@ def train_clip(clip, processor, prompts, steps, rng, vae, batch_size=128, lr=1e-
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from tqdm import tqdm
 
+    from world import tiny_world
+
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
     schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
     clip.train()
@@ -127,11 +129,7 @@ def train_clip(clip, processor, prompts, steps, rng, vae, batch_size=128, lr=1e-
         text = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         loss = clip(input_ids=text.input_ids, attention_mask=text.attention_mask,
                     pixel_values=pixel_values(processor, images), return_loss=True).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        tiny_world.optimizer_step(loss, clip.parameters(), optimizer, schedule)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return clip.eval().requires_grad_(False)
 

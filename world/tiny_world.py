@@ -230,6 +230,15 @@ def save_sd_style_pipeline(path, sd14_shapes=False):
 # The two stages of pretraining
 # --------------------------------------------------------------------------------------------------------
 
+def optimizer_step(loss, params, optimizer, schedule):
+    """One step of a pretraining loop (the VAE's, the denoiser's, the judges' CLIP): the gradients clipped to norm 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1e-4):
     """Stage 1: the VAE as an image codec of the world, at every tile strength (s uniform in [0, 1]): L1 + L2
     reconstruction of a sample of the posterior, plus a small KL to N(0, I) (per pixel value) that keeps the
@@ -249,11 +258,7 @@ def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1
         reconstruction = vae.decode(posterior.sample(generator)).sample
         kl = posterior.kl().mean() / x[0].numel()
         loss = (reconstruction - x).abs().mean() + (reconstruction - x).pow(2).mean() + kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, vae.parameters(), optimizer, schedule)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # the world as it is drawn (the UNet's data), 512 pictures
@@ -286,11 +291,7 @@ def pretrain_denoiser(models, steps, rng, generator, batch_size=64, lr=1e-3, p_u
             x0 = models.vae.encode(draw_batch(batch, rng)).latent_dist.sample(generator) * models.vae.config.scaling_factor
         loss = loss_fn(models, x0, ddpo.encode_prompts(models, batch),
                        *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, params, optimizer, schedule)
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
