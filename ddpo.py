@@ -1,8 +1,8 @@
 """DDPO: Training Diffusion Models with Reinforcement Learning (Black, Janner, Du, Kostrikov, Levine, 2023).
 
-arXiv 2305.13301. The idea: denoising is a multi-step MDP (paper §4.3). The state is s_t = (c, t, x_t), the
-action is a_t = x_{t-1}, and the policy is the reverse-diffusion step
-π(a_t | s_t) = p_θ(x_{t-1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I), a Gaussian whose log-probability is exact.
+arXiv 2305.13301, cited as its v4 (ICLR 2024) numbers sections, equations and appendices. The idea: denoising is a
+multi-step MDP (§4.3). The state is s_t = (c, t, x_t), the action is a_t = x_{t-1}, and the policy is the reverse
+step π(a_t | s_t) = p_θ(x_{t-1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I), a Gaussian whose log-probability is exact.
 The only reward comes at the end, r(x_0, c). So we can sample images, score them, and run policy gradients
 on the denoiser (DDPO_SF, DDPO_IS). The one-step-MDP baselines (RWR, §4.2) are here too.
 
@@ -89,7 +89,7 @@ class Args:
                                  "one batch)")
     num_steps: int = arg(20, "T, DDIM denoising steps per trajectory (paper: 50)")
     eta: float = arg(1.0, "η, DDIM noise scale, 0 < η ≤ 1: σ_t must be > 0 for the policy to have a density, and "
-                          "above 1 the DDIM mean is undefined (paper: 1)")
+                          "above 1 the DDIM mean is undefined (the authors' code: 1; the paper does not say)")
     noise_level: float = arg(0.7, "a > 0, flow models' SDE noise: σ_t = a √(t / (1 − t)) (Flow-GRPO: 0.7)")
     guidance_scale: float = arg(5.0, "w, classifier-free guidance in sampling and training (paper: 5)")
     resolution: int = arg(0, "image side in pixels, a multiple of the VAE's downsampling times the denoiser's (SD3: its "
@@ -118,7 +118,7 @@ class Args:
                                   "shrinks like 1/√D, so the tiny model's 256 take 8x that)")
     rwr_weights: str = arg("reward", "what RWR's weights exponentiate: reward = the paper's w = exp(β·r)/Z; "
                                         "advantage = w = exp(β·A)/Z on the normalised, clipped advantage A")
-    rwr_beta: float = arg(1.0, "β ≥ 0, RWR inverse temperature in w = exp(β·r)/Z or exp(β·A)/Z (see --rwr-weights)")
+    rwr_beta: float = arg(1.0, "β ≥ 0, RWR inverse temperature in exp(β·r)/Z or exp(β·A)/Z (paper: 0.2, Z per prompt)")
     rwr_threshold: Optional[float] = arg(None, "C, rwr-sparse keeps samples with r ≥ C; default: the 90th "
                                                "percentile of the round's rewards")
     # --- DPOK (Fan et al. 2023): a KL penalty towards the pretrained model, a learned value baseline
@@ -343,7 +343,7 @@ def ddpm_noise(scheduler, shape, generator):
 
 
 def ddpm_loss(models, x0, cond, t, noise):
-    """DDPM loss (DDPM's L_simple, Ho et al. eq. 14; DDPO's eq. 1 is the same loss in μ-form): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², one value per sample (B,).
+    """DDPM loss (DDPM's L_simple, Ho et al. eq. 14; DDPO's eq. 1, in μ-form, is the same objective up to a weight per t): ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, c)‖², one value per sample (B,).
 
     For a v-prediction model (the tiny one) the target is v = √ᾱ_t ε − √(1−ᾱ_t) x_0, for an x_0-prediction
     model x_0: the same loss in that model's own parametrisation. Serves RWR (on the model's own samples) and
@@ -640,8 +640,8 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
 
 
 def rwr_exponential_weights(x, beta):
-    """RWR (§4.2): w = exp(β x) / Z, with Z making the weights average 1 over the round. x is the reward r, as in
-    the paper, or the normalised advantage A (--rwr-weights)."""
+    """RWR (§4.2): w = exp(β x) / Z, Z making the weights average 1 over the round (App. D.3: over each prompt's,
+    β = 0.2). x: the reward r, as §4.2 writes it, or the per-prompt normalised advantage A (--rwr-weights)."""
     # exercise 6: begin
     return torch.softmax(beta * x, dim=0) * len(x)
     # exercise 6: end
@@ -657,7 +657,7 @@ def rwr_sparse_weights(rewards, threshold):
 
 def rwr_weights(args, rewards, advantages):
     """The round's RWR weights: exponential on r or A (--rwr-weights), or sparse with C = --rwr-threshold, by
-    default the 90th percentile of the round's rewards (so the top tenth is kept)."""
+    default the round's 90th percentile of r (the top tenth kept; App. D.3 picks C for each prompt)."""
     if args.algo == "rwr":
         return rwr_exponential_weights(rewards if args.rwr_weights == "reward" else advantages, args.rwr_beta)
     threshold = args.rwr_threshold if args.rwr_threshold is not None else torch.quantile(rewards, 0.9).item()
@@ -691,7 +691,7 @@ def loss_scaler(args):
 
 def policy_gradient_chunk(models, traj, rows, chunk, steps, advantages, args, uncond, scaler, share, logs, where):
     """DDPO_SF or DDPO_IS (+ DPOK's KL) on one chunk of a minibatch: one backward per trained timestep (memory
-    does not grow with T), each scaled by 1/n_timesteps: the paper's sum over t (§6), divided by a constant."""
+    does not grow with T), each scaled by 1/n_timesteps: the sum over t of §4.3 (App. D.1), divided by a constant."""
     n_timesteps = steps.shape[1]
     for i in range(n_timesteps):
         log_prob, kl = rescore(models, traj, rows, steps[chunk, i], uncond, args)
@@ -813,7 +813,7 @@ def train(args, reward_fn=None):
     if problem := check_scheduler(models.scheduler, args.num_steps) or resolution_problem(models, args.resolution):
         fail(f"cannot use model {args.model}: its {problem}")
     params = [p for p in models.denoiser.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)  # the PyTorch port's weight decay
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)  # the paper's weight decay (App. D.5)
     scaler = loss_scaler(args)
     if args.kl_coef > 0 and (args.lora_rank == 0 or is_run(args.model)):  # π_pre for DPOK's KL: the model this run
         # starts from, frozen; a new LoRA adapter needs no copy: π_pre is the base model, the adapter switched off
