@@ -5,9 +5,9 @@ the judges, world/judges.py) learns from exact labels. Nothing here imports ddpo
 world's pictures can be imported by a training run.
 """
 import zlib
+from pathlib import Path
 
 import numpy as np
-import torch
 
 SIZE, TILE = 32, 4  # pixels; the tiles are the VAE's 4x downsampling, so a tile is one latent position
 STRENGTH_MEDIAN, STRENGTH_SPREAD = 0.2, 0.6  # the world's tile strength: s = 0.2 · exp(0.6 · N(0, 1))
@@ -42,6 +42,31 @@ def world_strength(rng):
 RADIUS = (5.0, 7.0)  # the shape's size r: uniform in this range (a circle's radius, in pixels)
 
 
+def background(bg, rng, strength=None):
+    """The tiled background of colour bg (3, 1, 1): each 4x4 tile bg plus s times a random colour offset in
+    [-1, 1]^3, clipped to [0, 1]. s: strength, or the world's when None (drawn either way, so that the numbers that
+    follow are the same). Returns ((3, 32, 32), s)."""
+    s = world_strength(rng)
+    s = s if strength is None else strength
+    offsets = rng.uniform(-1, 1, (3, SIZE // TILE, SIZE // TILE)).astype(np.float32)
+    return np.clip(bg + s * offsets.repeat(TILE, 1).repeat(TILE, 2), 0, 1), s
+
+
+def shape_mask(shape, y, x, cy, cx, r):
+    """The pixels (y, x grids) of a shape of size r centred at (cy, cx)."""
+    if shape == "circle":
+        return (y - cy) ** 2 + (x - cx) ** 2 <= r**2
+    if shape == "square":
+        return (np.abs(y - cy) <= r * 0.85) & (np.abs(x - cx) <= r * 0.85)
+    if shape == "triangle":  # pointing up
+        return (y <= cy + r * 0.8) & (np.abs(x - cx) <= (y - (cy - r)) * 0.6)
+    if shape == "diamond":
+        return np.abs(y - cy) + np.abs(x - cx) <= r * 1.1
+    if shape == "cross":
+        return ((np.abs(y - cy) <= r * 0.35) | (np.abs(x - cx) <= r * 0.35)) & (np.maximum(np.abs(y - cy), np.abs(x - cx)) <= r)
+    return (np.abs(y - cy) <= r * 0.45) & (np.abs(x - cx) <= r)  # bar: wide and low
+
+
 def draw(prompt, rng, strength=None, radius=None, with_attributes=False):
     """One toy image for a prompt, (3, 32, 32) in [-1, 1] like the VAE's input. strength: the tiles' s; None draws
     the world's. radius: the shape's r; None draws the world's. The same random numbers are drawn either way, so
@@ -49,24 +74,88 @@ def draw(prompt, rng, strength=None, radius=None, with_attributes=False):
     with the busiest background. with_attributes: also return what was drawn (palette, shape, s, r, cy, cx)."""
     palette, shape = prompt_attributes(prompt, rng)
     bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in PALETTES[palette])
-    s = world_strength(rng)
-    s = s if strength is None else strength
-    offsets = rng.uniform(-1, 1, (3, SIZE // TILE, SIZE // TILE)).astype(np.float32)
-    image = np.clip(bg + s * offsets.repeat(TILE, 1).repeat(TILE, 2), 0, 1)
+    image, s = background(bg, rng, strength)
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     cy, cx, r = rng.uniform(11, 21), rng.uniform(11, 21), rng.uniform(*RADIUS)
     r = r if radius is None else radius
-    if SHAPES[shape] == "circle":
-        mask = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
-    elif SHAPES[shape] == "square":
-        mask = (np.abs(y - cy) <= r * 0.85) & (np.abs(x - cx) <= r * 0.85)
-    else:  # triangle pointing up
-        mask = (y <= cy + r * 0.8) & (np.abs(x - cx) <= (y - (cy - r)) * 0.6)
-    image = (np.where(mask[None], fg, image) * 2 - 1).astype(np.float32)
+    image = (np.where(shape_mask(SHAPES[shape], y, x, cy, cx, r)[None], fg, image) * 2 - 1).astype(np.float32)
     if with_attributes:
         return image, dict(palette=palette, shape=SHAPES[shape], strength=s, radius=r, cy=cy, cx=cx)
     return image
 
 
-def draw_batch(prompts, rng, strength=None):
-    return torch.from_numpy(np.stack([draw(p, rng, strength) for p in prompts]))
+# --------------------------------------------------------------------------------------------------------
+# The world with activities (paper §5.3, §6.2–6.3): an animal doing something that a picture can show
+# --------------------------------------------------------------------------------------------------------
+# The built-in models in world/tiny_model/ and world/tiny_flow_model/ were trained on `draw` above, where a prompt's
+# last word picks the shape and no picture shows an activity. `scene` is the world that the alignment experiments
+# need; python -m world.tiny_world --world activities builds a model on it.
+
+SCENE_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "bar")
+ANIMALS = tuple((Path(__file__).resolve().parent.parent / "prompts" / "simple_animals.txt").read_text().split("\n")[:-1])
+PROPS = {  # what a picture shows of an activity: a prop of 4x4 tiles (one latent each) in the band's two rows of 8
+    "riding a bike": ("..####..", ".##..##."), "playing chess": ("..#.#.#.", ".#.#.#.."),  # training activities
+    "washing the dishes": ("...##...", "...##..."),
+    "taking an exam": (".######.", "........"), "driving a car": ("..####..", ".######."),  # unseen ones (§6.3)
+    "typing on a keyboard": ("........", ".######."),
+}
+ALT_TEXT_SHOWS = 0.3  # pretraining: the share of pictures whose caption's activity the picture shows, as alt-text
+BAND = 24  # the props' rows (24-31); every subject stands above them, whether or not an activity is shown
+
+
+def split_prompt(prompt):
+    """(subject, activity) of a prompt: "a cat riding a bike" -> ("cat", "riding a bike"); a prompt that names no
+    activity of PROPS is all subject, its activity None. The article goes."""
+    words = [w for w in prompt.lower().split()]
+    activity = next((a for a in PROPS if " ".join(words[-len(a.split()):]) == a), None)
+    subject = words[: len(words) - len(activity.split())] if activity else words
+    return " ".join(w for w in subject if w not in ("a", "an")), activity
+
+
+def subject_look(subject, rng):
+    """(palette, shape) of a subject. The 45 animals of prompts/simple_animals.txt each have their own (8 palettes
+    x 6 shapes = 48 looks; the i-th animal the shape i mod 6 and the palette (7·(i // 6) + i) mod 8, which differ for
+    any two i < 48), so a judge can tell any two apart; any other subject is picked by its words, as in `draw`
+    (its first word the palette, its last word the shape); the empty prompt draws both at random."""
+    if subject in ANIMALS:
+        i = ANIMALS.index(subject)
+        return (7 * (i // 6) + i) % len(PALETTES), i % len(SCENE_SHAPES)
+    words = subject.split()
+    if not words:
+        return int(rng.integers(len(PALETTES))), int(rng.integers(len(SCENE_SHAPES)))
+    return word_hash(words[0]) % len(PALETTES), word_hash(words[-1]) % len(SCENE_SHAPES)
+
+
+def prop_mask(prop):
+    """The prop's pixels: its tiles of the band, in the subject's colour."""
+    rows = np.array([[c == "#" for c in row] for row in PROPS[prop]])  # (2, 8) tiles
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[BAND:] = rows.repeat(TILE, 0).repeat(TILE, 1)
+    return mask
+
+
+def scene(prompt, rng, show=None, strength=None, with_attributes=False):
+    """One picture of the world with activities, (3, 32, 32) in [-1, 1]. The subject is drawn as `draw` draws it,
+    but above the band, with SCENE_SHAPES and each animal its own look; an activity the prompt names shows as its
+    prop when `show` (True, False, or None: alt-text's ALT_TEXT_SHOWS chance). The empty prompt (unconditional) is
+    any picture: a random look, and a random activity or none. The same random numbers are drawn either way, so
+    scene(p, rng_i, True) and scene(p, rng_i, False) are one picture with and without the activity.
+    with_attributes: also return what was drawn (palette, shape, activity shown or None, s, r, cy, cx)."""
+    subject, activity = split_prompt(prompt)
+    palette, shape = subject_look(subject, rng)
+    if not subject and activity is None:
+        activity = (None, *PROPS)[rng.integers(len(PROPS) + 1)]
+    bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in PALETTES[palette])
+    shown = rng.random() < ALT_TEXT_SHOWS
+    shown = activity is not None and (shown if show is None else show)
+    image, s = background(bg, rng, strength)
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    cy, cx, r = rng.uniform(8, 16), rng.uniform(11, 21), rng.uniform(*RADIUS)
+    mask = shape_mask(SCENE_SHAPES[shape], y, x, cy, cx, r)
+    if shown:
+        mask = mask | prop_mask(activity)
+    image = (np.where(mask[None], fg, image) * 2 - 1).astype(np.float32)
+    if with_attributes:
+        return image, dict(palette=palette, shape=SCENE_SHAPES[shape], activity=activity if shown else None,
+                           strength=s, radius=r, cy=cy, cx=cx)
+    return image

@@ -30,6 +30,12 @@ with the flow-matching loss (ddpo.flow_matching_loss) on the frozen VAE of tiny_
 The tiny judges (world/judges/: a CLIP and LAION's aesthetic head, trained on the world's pictures; world/judges.py):
     python -m world.tiny_world --judges --seed 0    # the CLIP, then the rated pictures and the head: 20 min
     python -m world.tiny_world --judges-check       # how right they are, on freshly drawn pictures: under a minute
+The world with activities (world.drawing.scene: "a cat riding a bike" shows the bike in 30% of pictures, as alt-text
+names more than its picture shows) and the alignment experiments' judges on it (world/alignment_judges.py). The
+built-in models above learned the plain world; these commands build a model and its judges on the new one:
+    python -m world.tiny_world --world activities --seed 0 --out FOLDER/model
+    python -m world.tiny_world --alignment-judges --seed 0 --model FOLDER/model --out FOLDER/judges
+    python -m world.tiny_world --alignment-judges-check --model FOLDER/model --out FOLDER/judges
 """
 import argparse
 from pathlib import Path
@@ -41,7 +47,9 @@ from tqdm import tqdm
 import ddpo
 from plumbing import files, model_checks
 import rewards
-from world.drawing import SIZE, TILE, draw, draw_batch
+from world.drawing import SIZE, TILE, draw, scene
+
+WORLDS = {"plain": draw, "activities": scene}  # what the built-in models learn: draw (theirs today) or scene
 
 
 def all_prompts():
@@ -51,17 +59,20 @@ def all_prompts():
     return sorted({p for name in names for p in rewards.load_prompts(name)})
 
 
-def build_tokenizer(prompts, max_length=16):
-    """A word-level tokenizer over the prompts' words, wrapped as a transformers fast tokenizer."""
+def build_tokenizer(prompts, max_length=16, eos=True, extra=()):
+    """A word-level tokenizer over the prompts' words, wrapped as a transformers fast tokenizer. Each text is
+    [BOS] words [EOS], or without [EOS] (eos=False: a language model's prompt, which the model continues); extra:
+    more special tokens (a VLM's <image>)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(prompts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
+    tok.train_from_iterator(prompts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]", *extra]))
     tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", tok.token_to_id("[BOS]")), ("[EOS]", tok.token_to_id("[EOS]"))])
+        single="[BOS] $A [EOS]" if eos else "[BOS] $A",
+        special_tokens=[("[BOS]", tok.token_to_id("[BOS]")), ("[EOS]", tok.token_to_id("[EOS]"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
                                    unk_token="[UNK]", model_max_length=max_length)
 
@@ -239,7 +250,7 @@ def optimizer_step(loss, params, optimizer, schedule):
     schedule.step()
 
 
-def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1e-4):
+def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1e-4, picture=draw):
     """Stage 1: the VAE as an image codec of the world, at every tile strength (s uniform in [0, 1]): L1 + L2
     reconstruction of a sample of the posterior, plus a small KL to N(0, I) (per pixel value) that keeps the
     latent space smooth for the diffusion model. Then the scaling factor, 1 / std of the world's latents, as
@@ -252,7 +263,7 @@ def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1
     vae.train()
     bar = tqdm(range(steps), desc="stage 1: VAE")
     for _ in bar:
-        x = torch.from_numpy(np.stack([draw(prompts[rng.integers(len(prompts))], rng, strength=rng.uniform(0, 1))
+        x = torch.from_numpy(np.stack([picture(prompts[rng.integers(len(prompts))], rng, strength=rng.uniform(0, 1))
                                        for _ in range(batch_size)]))
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
@@ -262,13 +273,13 @@ def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # the world as it is drawn (the UNet's data), 512 pictures
-        x = draw_batch([prompts[i] for i in rng.integers(len(prompts), size=512)], rng)
+        x = torch.from_numpy(np.stack([picture(prompts[i], rng) for i in rng.integers(len(prompts), size=512)]))
         std = vae.encode(x).latent_dist.sample(generator).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae
 
 
-def pretrain_denoiser(models, steps, rng, generator, batch_size=64, lr=1e-3, p_uncond=0.1):
+def pretrain_denoiser(models, steps, rng, generator, batch_size=64, lr=1e-3, p_uncond=0.1, picture=draw):
     """Stage 2: the denoiser and the text encoder(s) on the world's latents (the frozen VAE's posterior samples,
     scaled), with the DDPM loss (the UNet) or the flow-matching loss (the flow transformer); an EMA of the weights
     is what is saved."""
@@ -288,7 +299,7 @@ def pretrain_denoiser(models, steps, rng, generator, batch_size=64, lr=1e-3, p_u
     for _ in bar:
         batch = [("" if rng.random() < p_uncond else prompts[rng.integers(len(prompts))]) for _ in range(batch_size)]
         with torch.no_grad():
-            x0 = models.vae.encode(draw_batch(batch, rng)).latent_dist.sample(generator) * models.vae.config.scaling_factor
+            x0 = models.vae.encode(torch.from_numpy(np.stack([picture(p, rng) for p in batch]))).latent_dist.sample(generator) * models.vae.config.scaling_factor
         loss = loss_fn(models, x0, ddpo.encode_prompts(models, batch),
                        *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
         optimizer_step(loss, params, optimizer, schedule)
@@ -300,17 +311,18 @@ def pretrain_denoiser(models, steps, rng, generator, batch_size=64, lr=1e-3, p_u
     return models
 
 
-def build(seed, out, vae_steps=1500, unet_steps=4000):
-    """Both stages from one seed, then tiny_model/ as a StableDiffusionPipeline folder."""
+def build(seed, out, vae_steps=1500, unet_steps=4000, world="plain"):
+    """Both stages from one seed, then tiny_model/ as a StableDiffusionPipeline folder. world: WORLDS' name of
+    the pictures it learns."""
     model_checks.quiet_libraries()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    vae = pretrain_vae(build_vae(), vae_steps, rng, generator)
+    vae = pretrain_vae(build_vae(), vae_steps, rng, generator, picture=WORLDS[world])
     models = build_models(build_tokenizer(all_prompts()), vae)
     print(f"VAE scaling factor {vae.config.scaling_factor:.4f}; UNet "
           f"{sum(p.numel() for p in models.denoiser.parameters()):,} parameters, vocabulary {len(models.tokenizer)}")
-    pretrain_denoiser(models, unet_steps, rng, generator)
+    pretrain_denoiser(models, unet_steps, rng, generator, picture=WORLDS[world])
     save_pipeline(models, out)
     print(f"saved {out}")
 
@@ -430,16 +442,30 @@ if __name__ == "__main__":
                    "and LAION's aesthetic head, trained on the world's pictures, written to world/judges/")
     p.add_argument("--judges-check", action="store_true", help="print how right the tiny judges are on freshly drawn "
                    "pictures (the CLIP's caption matching, the aesthetic head's rank correlation with the rater), and exit")
-    p.add_argument("--model", default="tiny", help="with --reward-range or --ddpm-loss: the model (or a run folder)")
+    p.add_argument("--alignment-judges", action="store_true", help="build the alignment experiments' judges instead "
+                   "(world/alignment_judges.py: a VLM, BERTScore's encoder, the attribute classifier) on the world with "
+                   "activities, half of their pictures through --model's VAE, into --out (default world/judges)")
+    p.add_argument("--alignment-judges-check", action="store_true", help="print how right the alignment judges in --out "
+                   "are on freshly drawn pictures, and exit")
+    p.add_argument("--world", choices=sorted(WORLDS), default="plain", help="the world the model learns: 'plain' "
+                   "(the built-in models', drawing.draw) or 'activities' (drawing.scene: an animal and its activity)")
+    p.add_argument("--model", default="tiny", help="with --reward-range or --ddpm-loss: the model (or a run folder); with --alignment-judges(-check): the model whose VAE draws half their pictures")
     a = p.parse_args()
     if a.reward_range:
         reward_range(seed=a.seed, model=a.model)
     elif a.judges or a.judges_check:
         from world import judges
         judges.check() if a.judges_check else judges.build(a.seed, a.out or judges.TINY_JUDGES["clip_model"].parent)
+    elif a.alignment_judges or a.alignment_judges_check:
+        from world import JUDGES, alignment_judges
+
+        out = Path(a.out or JUDGES)
+        alignment_judges.JUDGE = out / "attributes"
+        model = ddpo.TINY_MODELS.get(a.model, a.model)
+        alignment_judges.check(out, model) if a.alignment_judges_check else alignment_judges.build(a.seed, out, model)
     elif a.ddpm_loss:
         ddpm_loss_gap(seed=a.seed, model=a.model)
     elif a.flow:
         build_flow(a.seed, a.out or ddpo.TINY_MODELS["tiny-flow"], a.flow_steps)
     else:
-        build(a.seed, a.out or ddpo.TINY_MODELS["tiny"], a.vae_steps, a.unet_steps)
+        build(a.seed, a.out or ddpo.TINY_MODELS["tiny"], a.vae_steps, a.unet_steps, a.world)
