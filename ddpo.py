@@ -1,6 +1,6 @@
 """DDPO: Training Diffusion Models with Reinforcement Learning (Black, Janner, Du, Kostrikov, Levine, 2023).
 
-arXiv 2305.13301, cited as its v4 (ICLR 2024) numbers sections, equations and appendices. The idea: denoising is a
+arXiv 2305.13301; sections, equations and appendices as its v4 (ICLR 2024) numbers them. The idea: denoising is a
 multi-step MDP (§4.3). The state is s_t = (c, t, x_t), the action is a_t = x_{t-1}, and the policy is the reverse
 step π(a_t | s_t) = p_θ(x_{t-1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I), a Gaussian whose log-probability is exact.
 The only reward comes at the end, r(x_0, c). So we can sample images, score them, and run policy gradients
@@ -70,7 +70,7 @@ class Args:
     prompts: str = arg("", "prompt set p(c): a name in prompts/ (e.g. simple_animals, alignment) or a file path; "
                            "default: the reward's set from the paper")
     seed: int = arg(0, "fixes prompts, noise and therefore results on CPU")
-    epochs: int = arg(150, "rounds of (sample, score, train)")
+    epochs: int = arg(150, "rounds of (sample, score, train): the paper's training iterations")
     run_name: str = arg("", "folder name under --out-dir; default {reward}__{algo}__{seed}__{time}")
     out_dir: str = arg("runs", "where runs are written")
     save_every: int = arg(5, "write a checkpoint every N epochs (and after the last)")
@@ -81,7 +81,7 @@ class Args:
     collective_timeout: float = arg(600.0, "under torchrun, seconds a process waits for the others at a gather or "
                                            "all-reduce before it stops with an error")
     # --- sampling: the policy (§3.1)
-    samples_per_epoch: int = arg(64, "trajectories sampled per round (paper: 256)")
+    samples_per_epoch: int = arg(64, "trajectories sampled per round (paper: 256; its RWR 10k, App. D.5)")
     samples_per_prompt: int = arg(8, "k: each round draws samples_per_epoch / k prompts and k trajectories of each "
                                      "(distinct noise); with k ≥ 2 a prompt's advantage uses its own group's statistics "
                                      "until its buffer holds --min-count rewards (group sampling, as in Flow-GRPO)")
@@ -91,7 +91,7 @@ class Args:
     eta: float = arg(1.0, "η, DDIM noise scale, 0 < η ≤ 1: σ_t must be > 0 for the policy to have a density, and "
                           "above 1 the DDIM mean is undefined (the authors' code: 1; the paper does not say)")
     noise_level: float = arg(0.7, "a > 0, flow models' SDE noise: σ_t = a √(t / (1 − t)) (Flow-GRPO: 0.7)")
-    guidance_scale: float = arg(5.0, "w, classifier-free guidance in sampling and training (paper: 5)")
+    guidance_scale: float = arg(5.0, "w, classifier-free guidance (paper: 5) in sampling and DDPO's training; RWR trains without")
     resolution: int = arg(0, "image side in pixels, a multiple of the VAE's downsampling times the denoiser's (SD3: its "
                              "patch size); 0 = the model's own (SD v1.4: 512, SD3.5-M: 1024; Flow-GRPO samples it at 512)")
     # --- advantages (App. D.3's per-prompt baseline; buffer and groups: the PyTorch port's, Flow-GRPO's)
@@ -102,18 +102,18 @@ class Args:
                               "this round's group, so each sample is normalised by its group; PyTorch port: 16)")
     min_count: int = arg(8, "a prompt uses its buffer's statistics once it has this many rewards; before, its "
                             "group's (--samples-per-prompt ≥ 2) or else the batch's (PyTorch port: 16)")
-    adv_clip: float = arg(5.0, "advantages are clipped to ±adv_clip")
+    adv_clip: float = arg(5.0, "advantages are clipped to ±adv_clip (the PyTorch port's; the paper does not clip)")
     # --- optimisation
     lr: float = arg(2e-4, "AdamW learning rate (the tiny model's full fine-tuning; the PyTorch port's LoRA on SD: 3e-4)")
     max_grad_norm: float = arg(1.0, "gradient norm clip")
-    num_minibatches: int = arg(2, "optimizer steps per inner epoch (is, rwr, rwr-sparse; paper: 4). DDPO_IS needs ≥ 2 "
+    num_minibatches: int = arg(2, "optimizer steps per inner epoch (is, rwr, rwr-sparse; paper: 4, RWR 400). DDPO_IS needs ≥ 2 "
                                   "steps a round: its first step is at θ = θ_old, where the ratio is 1 and the update "
                                   "is DDPO_SF's. sf always takes one step per round: its samples must come from θ")
     inner_epochs: int = arg(1, "passes over each round's samples (is, rwr, rwr-sparse)")
     train_batch_size: int = arg(32, "samples per training forward pass; a minibatch larger than this is "
                                    "accumulated over several passes")
-    timestep_fraction: float = arg(1.0, "fraction of the T timesteps trained on, drawn per sample")
-    clip_range: float = arg(1e-3, "ε, DDPO_IS ratio clip: loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) (paper: 1e-4 "
+    timestep_fraction: float = arg(1.0, "fraction of the T timesteps trained on, drawn per sample (paper: all, App. D.1)")
+    clip_range: float = arg(1e-3, "ε, DDPO_IS ratio clip (PPO's ε, not the noise): loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) (paper: 1e-4 "
                                   "on SD's 16,384 latent values; the log-ratio is a mean over them, whose spread "
                                   "shrinks like 1/√D, so the tiny model's 256 take 8x that)")
     rwr_weights: str = arg("reward", "what RWR's weights exponentiate: reward = the paper's w = exp(β·r)/Z; "
@@ -148,7 +148,7 @@ def prev_timestep(scheduler, t):
 
 
 def ddim_step(scheduler, model_output, x_t, t, eta):
-    """Mean μ and standard deviation σ_t of p(x_{t-1} | x_t): DDIM eq. (12) with σ_t of eq. (16).
+    """Mean μ and std σ_t of p(x_{t-1} | x_t): DDIM eq. (12), σ_t of eq. (16) (DDIM writes α_t for this ᾱ_t).
 
     t is a (B,) tensor of timesteps, so one call can serve samples at different steps. Everything is fp32.
     """
@@ -216,8 +216,8 @@ def gaussian_log_prob(x_prev, mean, sigma_t):
 
     x_{t-1} is the action already taken: a constant, so the gradient flows only through μ. Averaging keeps
     ratios finite: summed over 16,384 SD latent values a per-value ratio of 1.01 would be 1.01^16384. The
-    average over D dimensions is log π / D, so every ratio here is (π_θ/π_θold)^(1/D): DDPO_IS's clip range
-    ε = 1e-4 bounds that per-dimension ratio, and the whole-image ratio may move by up to (1 ± ε)^D.
+    average over D dimensions is log π / D (the PyTorch port's choice), so every ratio is (π_θ/π_θold)^(1/D):
+    DDPO_IS's clip stops the gradient once it leaves [1 − ε, 1 + ε], the whole action's ratio [(1 − ε)^D, (1 + ε)^D].
     """
     # exercise 2: begin
     x_prev, mean = x_prev.detach().float(), mean.float()
@@ -250,7 +250,7 @@ FLOW_LORA_TARGETS = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "t
 
 @dataclass
 class Models:
-    denoiser: torch.nn.Module  # on latents: the UNet ε_θ(x_t, t, c) or SD3's transformer v_θ(x_t, t, c); the only part trained
+    denoiser: torch.nn.Module  # on latents: the UNet ε_θ or v_θ(x_t, t, c) (the tiny one: v) or SD3's transformer v_θ; the only part trained
     text_encoder: torch.nn.Module  # (SD3: the first of its text encoders; its pipeline's encode_prompt uses them all)
     tokenizer: object
     scheduler: object  # DDIMScheduler (the DDIM policy), or FlowMatchEulerDiscreteScheduler (Flow-GRPO's SDE policy)
@@ -381,7 +381,7 @@ class Trajectories:
     cond: dict  # c as the denoiser takes it (encode_prompts), B rows
     states: torch.Tensor  # x_T … x_0, (B, T+1, C, H, W): s_t = (c, timesteps[j], states[:, j]), a_t = states[:, j+1]
     timesteps: torch.Tensor  # t of each step j, (T,)
-    log_probs: torch.Tensor  # log π(a_t | s_t) under the sampling policy θ_old, (B, T)
+    log_probs: torch.Tensor  # log π(a_t | s_t) / D (gaussian_log_prob) under the sampling policy θ_old, (B, T)
 
     @staticmethod
     def cat(parts):
@@ -391,10 +391,10 @@ class Trajectories:
 
 
 def policy(models, x_t, t, cond, uncond, guidance_scale, level):
-    """π(· | s_t) = N(μ_θ(x_t, t, c), σ_t² I): the guided prediction, then the model's step: DDIM's for a UNet (level:
-    η), Flow-GRPO's SDE for a flow model (level: a). Returns μ and the step's standard deviation σ_t.
+    """π(· | s_t) = N(μ_θ(x_t, t, c), σ² I): the guided prediction, then the model's step: DDIM's for a UNet (level:
+    η; σ = σ_t of eq. 16), Flow-GRPO's SDE for a flow model (level: a, not the action; σ = σ_t √Δt). Returns μ, σ.
 
-    Classifier-free guidance on the denoiser's prediction (pred: ε for a UNet, the velocity v for a flow model):
+    Classifier-free guidance on the denoiser's output (pred: ε, v or x_0 for a UNet, each affine in ε at fixed x_t):
     ε̂ = ε_θ(x_t, t, ∅) + w (ε_θ(x_t, t, c) − ε_θ(x_t, t, ∅))."""
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # unconditional and conditional in one pass, 2B rows
     pred_uncond, pred_cond = denoise(models, torch.cat([x_t, x_t]), torch.cat([t, t]), both).float().chunk(2)
@@ -483,7 +483,7 @@ def sample(models, prompts, args, generators, batch_size, desc="sampling"):
     finite = torch.isfinite(traj.states).flatten(2).all(2).all(0)  # (T+1,): is step j finite for every sample
     if not finite.all():
         j = int((~finite).nonzero()[0])
-        raise NonFinite(f"non-finite latents while sampling, first after DDIM step {j} of {len(traj.timesteps)}")
+        raise NonFinite(f"non-finite latents while sampling, first after policy step {j} of {len(traj.timesteps)}")
     images = torch.cat([decode(models, p.states[:, -1]) for p in parts])
     if not torch.isfinite(images).all():
         raise NonFinite("non-finite images from the decoder")
@@ -576,7 +576,7 @@ def value_at(value, traj, j, rows=slice(None)):
 
 
 def value_advantages(value, traj, rewards, args):
-    """DPOK's advantage of step t: δ = r − V_φ(s_t), normalised over the round as the batch advantages are, and
+    """DPOK's advantage of step t: A = r − V_φ(s_t), normalised over the round as the batch advantages are, and
     clipped, (B, T). V_φ has not seen this round's rewards (fit_value runs after), so a sample's baseline never
     contains its own reward. Also returns what V_φ's error on these new trajectories was. rewards: the round's;
     traj: this process's share of it."""
@@ -614,18 +614,18 @@ def fit_value(value, optimizer, traj, rewards, args):
 # ----------------------------------------------------------------------------------------------------------
 
 def ddpo_sf_loss(log_prob, advantages):
-    """DDPO_SF (REINFORCE, §4.3): ∇ loss = −E[A ∇_θ log π_θ(x_{t-1} | x_t, c)]; data must come from the current θ."""
+    """DDPO_SF (REINFORCE, §4.3, its r(x_0, c) here App. D.3's advantage A): ∇ loss = −E[A ∇_θ log π_θ / D]; data from θ."""
     # exercise 4: begin
     return -(advantages * log_prob).mean()
     # exercise 4: end
 
 
 def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
-    """DDPO_IS (§4.3, App. D.1) with PPO's clip: loss = E[max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))], ratio = π_θ / π_θold.
+    """DDPO_IS (§4.3, App. D.1) with PPO's clip: loss = E[max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))], ratio = (π_θ/π_θold)^(1/D).
 
     The max of the two losses is the pessimistic one: once the ratio has left [1−ε, 1+ε] in the direction the
-    advantage pushes it, the loss is flat and that sample gives no gradient. Returns loss, approx_kl, clipfrac.
-    """
+    advantage pushes it, the loss is flat and that sample gives no gradient. Returns loss, approx_kl (of the
+    per-dimension ratio: ≈ KL/D², where losses/kl is DPOK's KL/D), clipfrac."""
     # exercise 5: begin
     logratio = log_prob - old_log_prob
     ratio = torch.exp(logratio)
@@ -640,8 +640,8 @@ def ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range):
 
 
 def rwr_exponential_weights(x, beta):
-    """RWR (§4.2): w = exp(β x) / Z, Z making the weights average 1 over the round (App. D.3: over each prompt's,
-    β = 0.2). x: the reward r, as §4.2 writes it, or the per-prompt normalised advantage A (--rwr-weights)."""
+    """RWR (§4.2): w = exp(β x) / Z, Z making the weights average 1 over the round (App. D.3: over each prompt's;
+    D.5: β = 0.2). x: the reward r, as §4.2 writes it, or the per-prompt normalised advantage A (--rwr-weights)."""
     # exercise 6: begin
     return torch.softmax(beta * x, dim=0) * len(x)
     # exercise 6: end
@@ -673,8 +673,8 @@ def round_plan(args, T):
 
 
 def rwr_loss(models, x0, cond, weights, t, noise):
-    """RWR: the DDPM loss (a flow model's: the flow-matching loss) on the model's own samples x_0, each weighted
-    (one-step MDP: a = x_0)."""
+    """RWR: the DDPM loss (flow models: the flow-matching loss) on the model's own samples x_0 (one-step MDP: a = x_0),
+    each weighted, on the unguided conditional prediction: not App. E.1's CFG training (its Fig. 10)."""
     return (weights * (flow_matching_loss if models.flow else ddpm_loss)(models, x0, cond, t, noise)).mean()
 
 

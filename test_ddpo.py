@@ -1408,7 +1408,7 @@ def test_non_finite_latents_stop_the_run_with_one_clean_line(tmp_path, main_erro
     image (the smallest JPEG, so compressibility would 'improve'). The line is all that reaches stderr."""
     line = main_error("--guidance-scale", "1e30", "--num-steps", "3", "--epochs", "1", "--out-dir", str(tmp_path),
                       "--run-name", "r")
-    assert line == ("error: non-finite latents while sampling, first after DDIM step 2 of 3 in epoch 0; "
+    assert line == ("error: non-finite latents while sampling, first after policy step 2 of 3 in epoch 0; "
                     "no checkpoint was written yet")
     assert not (tmp_path / "r" / "checkpoints").exists()
 
