@@ -593,7 +593,7 @@ def value_advantages(value, traj, rewards, args):
 
 
 def fit_value(value, optimizer, traj, rewards, args):
-    """Regress V_φ(s_t) onto the final reward r of the round's trajectories, every step t (DPOK §4): value_steps
+    """Regress V_φ(s_t) onto the round's final rewards r at every step t (DPOK's value baseline): value_steps
     full-batch AdamW steps on the mean squared error, one backward per step t (memory stays at B states).
     rewards: the round's; traj: this process's share (the gradients are summed over the processes)."""
     rewards = rewards.to(traj.states.device)
