@@ -303,11 +303,16 @@ class Alignment:
         self.vlm = from_pretrained(AutoModelForImageTextToText, vlm, "--vlm", dtype=dtype_for(device)).to(device).eval()
         self.bertscore = BERTScore(device, bertscore_model)
 
+    @staticmethod
+    def as_sent(images):
+        """The pictures as the original server received them: JPEG at quality 80, decoded (PIL images)."""
+        return [Image.open(io.BytesIO(jpeg_bytes(img, 80))) for img in to_pil(images)]
+
     @torch.no_grad()
     def describe(self, images):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.QUESTION}]}]
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        pictures = [Image.open(io.BytesIO(jpeg_bytes(img, 80))) for img in to_pil(images)]
+        pictures = self.as_sent(images)
         inputs = self.processor(images=pictures, text=[text] * len(pictures), padding=True,
                                 return_tensors="pt").to(self.device, self.vlm.dtype)
         out = self.vlm.generate(**inputs, max_new_tokens=32, do_sample=False)

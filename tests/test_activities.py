@@ -141,7 +141,7 @@ def test_the_vlm_learns_the_answer_and_its_end_and_not_the_question():
             logits = vlm(input_ids=ids, pixel_values=pixels[i:i + 1]).logits[0]
         losses.append(F.cross_entropy(logits[len(question) - 1:-1], target, reduction="none"))
     with torch.no_grad():
-        assert aj.vlm_loss(vlm, processor, images, drawn).item() == pytest.approx(torch.cat(losses).mean().item(), abs=1e-4)
+        assert aj.vlm_loss(vlm, processor, question, images, drawn).item() == pytest.approx(torch.cat(losses).mean().item(), abs=1e-4)
 
 
 def test_masked_language_modelling_hides_only_words_at_its_rate():

@@ -15,7 +15,6 @@
     python -m world.tiny_world --alignment-judges-check --model MODEL --out FOLDER      # how right they are
 """
 import functools
-import io
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from world import JUDGES
 from world.drawing import ANIMALS, PALETTES, PROPS, SCENE_SHAPES, scene, split_prompt, subject_look
+from world.judges import half_through, train
 
 ACTIVITIES = tuple(PROPS)  # the VLM and the classifier know every activity, the unseen ones too
 LABELS = ([f"palette {i}" for i in range(len(PALETTES))] + [f"shape {s}" for s in SCENE_SHAPES]
@@ -55,30 +55,8 @@ def scenes(rng, n, subjects=ANIMALS, vae=None):
         prompts.append(prompt)
         pictures.append(image)
         drawn.append(dict(attributes, subject=subject))
-    images = torch.from_numpy(np.stack(pictures))
-    if vae is not None:
-        through = torch.from_numpy(rng.random(n) < 0.5)
-        with torch.no_grad():
-            if through.any():  # (the VAE's attention cannot take an empty batch)
-                images[through] = vae.decode(vae.encode(images[through]).latent_dist.mode()).sample
+    images = half_through(torch.from_numpy(np.stack(pictures)), rng, vae)
     return (images / 2 + 0.5).clamp(0, 1), prompts, drawn
-
-
-def train(model, loss_fn, steps, desc, lr=1e-3, weight_decay=0.01):
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-    from tqdm import tqdm
-
-    from world import tiny_world
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
-    model.train()
-    bar = tqdm(range(steps), desc=desc)
-    for _ in bar:
-        loss = loss_fn()
-        tiny_world.optimizer_step(loss, model.parameters(), optimizer, schedule)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -130,12 +108,9 @@ def build_vlm(processor, width=64):
 
 def vlm_pixels(processor, images):
     """The VLM's input as rewards.Alignment makes it: JPEG at quality 80, then the image processor."""
-    from PIL import Image
-
     import rewards
 
-    pictures = [Image.open(io.BytesIO(rewards.jpeg_bytes(img, 80))) for img in rewards.to_pil(images)]
-    return processor.image_processor(pictures, return_tensors="pt").pixel_values
+    return processor.image_processor(rewards.Alignment.as_sent(images), return_tensors="pt").pixel_values
 
 
 def question_ids(processor):
@@ -147,11 +122,10 @@ def question_ids(processor):
     return processor(images=[np.zeros((32, 32, 3), np.uint8)], text=[text], return_tensors="pt").input_ids[0]
 
 
-def vlm_loss(vlm, processor, images, drawn):
-    """Teacher forcing: the mean cross-entropy of the answers' tokens and their [EOS], each after the question; the
-    question's tokens and the padding carry no loss (label -100)."""
+def vlm_loss(vlm, processor, question, images, drawn):
+    """Teacher forcing: the mean cross-entropy of the answers' tokens and their [EOS], each after the question
+    (question_ids); the question's tokens and the padding carry no loss (label -100)."""
     tok = processor.tokenizer
-    question = question_ids(processor)
     answers = [tok(answer(d["subject"], d["activity"]), add_special_tokens=False).input_ids + [tok.eos_token_id]
                for d in drawn]
     longest = max(map(len, answers))
@@ -240,12 +214,13 @@ def build(seed, out, model, vlm_steps=3000, bert_steps=1500, classifier_steps=15
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 0])
     processor = build_vlm_processor()
-    vlm = build_vlm(processor)
-    train(vlm, lambda: vlm_loss(vlm, processor, *scenes(rng, batch_size, vae=vae)[::2]), vlm_steps, "VLM")
+    vlm, question = build_vlm(processor), question_ids(processor)
+    train(vlm, lambda: vlm_loss(vlm, processor, question, *scenes(rng, batch_size, vae=vae)[::2]), vlm_steps, "VLM")
     tokenizer = build_bert_tokenizer()
     mlm = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32))
-    train(mlm, lambda: mlm_loss(mlm, tokenizer, sentences(), rng, 2 * batch_size), bert_steps, "BERTScore encoder")
+    texts = sentences()
+    train(mlm, lambda: mlm_loss(mlm, tokenizer, texts, rng, 2 * batch_size), bert_steps, "BERTScore encoder")
     torch.manual_seed(seed + 1)
     r = np.random.default_rng([seed, 1])  # the independent judge: its own stream, its own architecture
     subjects = ANIMALS + tuple(rewards.load_prompts("unseen_animals"))

@@ -83,13 +83,19 @@ def judged_pictures(prompts, rng, n, vae=None):
     chosen = [prompts[i] for i in rng.integers(len(prompts), size=n)]
     drawn = [draw(p, rng, strength=None if rng.random() < 0.5 else rng.uniform(0, 0.8), with_attributes=True)
              for p in chosen]
-    images = torch.from_numpy(np.stack([image for image, _ in drawn]))
+    images = half_through(torch.from_numpy(np.stack([image for image, _ in drawn])), rng, vae)
+    return (images / 2 + 0.5).clamp(0, 1), chosen, [a for _, a in drawn]
+
+
+def half_through(images, rng, vae):
+    """images (B, 3, 32, 32) in [-1, 1], each with even odds through the vae and back (as the tiny model draws);
+    with no vae, as they are."""
     if vae is not None:
-        through = torch.from_numpy(rng.random(n) < 0.5)
+        through = torch.from_numpy(rng.random(len(images)) < 0.5)
         with torch.no_grad():
             if through.any():  # (the VAE's attention cannot take an empty batch)
                 images[through] = vae.decode(vae.encode(images[through]).latent_dist.mode()).sample
-    return (images / 2 + 0.5).clamp(0, 1), chosen, [a for _, a in drawn]
+    return images
 
 
 def pixel_values(processor, images):
@@ -114,24 +120,33 @@ def build_clip(tokenizer, projection_dim=768):
 
 def train_clip(clip, processor, prompts, steps, rng, vae, batch_size=128, lr=1e-3):
     """CLIP's contrastive loss (transformers' CLIPModel(return_loss=True)) on the world's pictures and captions."""
+    def loss():
+        images, chosen, drawn = judged_pictures(prompts, rng, batch_size, vae)
+        texts = [caption(p, a) if rng.random() < 0.5 else p for p, a in zip(chosen, drawn)]
+        text = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return clip(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                    pixel_values=pixel_values(processor, images), return_loss=True).loss
+
+    return train(clip, loss, steps, "CLIP", lr=lr, weight_decay=0.1)
+
+
+def train(model, loss_fn, steps, desc, lr=1e-3, weight_decay=0.01):
+    """A judge's training: AdamW on loss_fn() (which draws its own batch), a cosine schedule after 5% of warm-up,
+    gradients clipped to norm 1; returns the model frozen, in eval mode."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from tqdm import tqdm
 
     from world import tiny_world
 
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
-    clip.train()
-    bar = tqdm(range(steps), desc="CLIP")
+    model.train()
+    bar = tqdm(range(steps), desc=desc)
     for _ in bar:
-        images, chosen, drawn = judged_pictures(prompts, rng, batch_size, vae)
-        texts = [caption(p, a) if rng.random() < 0.5 else p for p, a in zip(chosen, drawn)]
-        text = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        loss = clip(input_ids=text.input_ids, attention_mask=text.attention_mask,
-                    pixel_values=pixel_values(processor, images), return_loss=True).loss
-        tiny_world.optimizer_step(loss, clip.parameters(), optimizer, schedule)
+        loss = loss_fn()
+        tiny_world.optimizer_step(loss, model.parameters(), optimizer, schedule)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return clip.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -250,6 +250,11 @@ def optimizer_step(loss, params, optimizer, schedule):
     schedule.step()
 
 
+def batch_of(picture, prompts, rng):
+    """The prompts' pictures, drawn by `picture` (a WORLDS entry) from one stream: (B, 3, 32, 32) in [-1, 1]."""
+    return torch.from_numpy(np.stack([picture(p, rng) for p in prompts]))
+
+
 def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1e-4, picture=draw):
     """Stage 1: the VAE as an image codec of the world, at every tile strength (s uniform in [0, 1]): L1 + L2
     reconstruction of a sample of the posterior, plus a small KL to N(0, I) (per pixel value) that keeps the
@@ -273,7 +278,7 @@ def pretrain_vae(vae, steps, rng, generator, batch_size=64, lr=1e-3, kl_weight=1
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # the world as it is drawn (the UNet's data), 512 pictures
-        x = torch.from_numpy(np.stack([picture(prompts[i], rng) for i in rng.integers(len(prompts), size=512)]))
+        x = batch_of(picture, [prompts[i] for i in rng.integers(len(prompts), size=512)], rng)
         std = vae.encode(x).latent_dist.sample(generator).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae
@@ -299,7 +304,7 @@ def pretrain_denoiser(models, steps, rng, generator, batch_size=64, lr=1e-3, p_u
     for _ in bar:
         batch = [("" if rng.random() < p_uncond else prompts[rng.integers(len(prompts))]) for _ in range(batch_size)]
         with torch.no_grad():
-            x0 = models.vae.encode(torch.from_numpy(np.stack([picture(p, rng) for p in batch]))).latent_dist.sample(generator) * models.vae.config.scaling_factor
+            x0 = models.vae.encode(batch_of(picture, batch, rng)).latent_dist.sample(generator) * models.vae.config.scaling_factor
         loss = loss_fn(models, x0, ddpo.encode_prompts(models, batch),
                        *ddpo.ddpm_noise(models.scheduler, x0.shape, generator)).mean()
         optimizer_step(loss, params, optimizer, schedule)
@@ -460,7 +465,6 @@ if __name__ == "__main__":
         from world import JUDGES, alignment_judges
 
         out = Path(a.out or JUDGES)
-        alignment_judges.JUDGE = out / "attributes"
         model = ddpo.TINY_MODELS.get(a.model, a.model)
         alignment_judges.check(out, model) if a.alignment_judges_check else alignment_judges.build(a.seed, out, model)
     elif a.ddpm_loss:
