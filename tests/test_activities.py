@@ -26,10 +26,10 @@ def test_every_animal_has_its_own_look_and_any_other_subject_is_picked_by_its_wo
     looks = [drawing.subject_look(a, None) for a in drawing.ANIMALS]
     assert len(drawing.ANIMALS) == 45 and len(set(looks)) == 45
     assert drawing.subject_look("cat", None) == (0, 0) and drawing.subject_look("dog", None) == (1, 1)
-    assert drawing.subject_look("zebra", None) == (5, 5)
-    assert drawing.subject_look("spider", None) == (5, 0)  # the 7th animal: shape 6 mod 6 = 0, palette 7 + 6 = 13 mod 8
+    assert drawing.subject_look("zebra", None) == (5, 2)  # the 6th animal: palette 5, shape 5 mod 3
+    assert drawing.subject_look("fox", None) == (0, 1)  # the 17th: palette 16 mod 16, shape 16 mod 3
     hashed = drawing.subject_look("great white shark", None)
-    assert hashed == (drawing.word_hash("great") % 8, drawing.word_hash("shark") % 6)
+    assert hashed == (drawing.word_hash("great") % 16, drawing.word_hash("shark") % 3)
 
 
 def pixels_of(image, colour):
@@ -37,55 +37,83 @@ def pixels_of(image, colour):
 
 
 def test_a_shown_activity_is_its_prop_under_the_subject_on_the_same_background():
-    """At s = 0 (a flat background) the subject's colour covers the subject and the prop. The chequerboard, counted by
-    hand: the band's tiles (rows 24–31, columns 4 pixels wide) at columns 2, 4, 6 of its first row and 1, 3, 5 of its
-    second, 6 tiles of 16 pixels: 96. The picture without the activity is the same subject and nothing in the band."""
+    """At s = 0 (a flat background) the chess prop's colour covers the prop and nothing else. The chequerboard,
+    counted by hand: the band's tiles (rows 24–31, columns 4 pixels wide) at columns 2, 4, 6 of its first row and
+    1, 3, 5 of its second, 6 tiles of 16 pixels: 96. The picture without the activity is the same subject and nothing
+    in the band: the two differ in those 96 pixels only."""
     rng = lambda: np.random.default_rng(3)  # noqa: E731 (one stream, drawn twice)
     shown, a = drawing.scene("a dog playing chess", rng(), show=True, strength=0.0, with_attributes=True)
     hidden, b = drawing.scene("a dog playing chess", rng(), show=False, strength=0.0, with_attributes=True)
-    fg = drawing.PALETTES[drawing.subject_look("dog", None)[0]][1]
+    fg = drawing.SCENE_PALETTES[drawing.subject_look("dog", None)[0]][1]
     assert a["activity"] == "playing chess" and b["activity"] is None
     assert (a["cy"], a["cx"], a["radius"]) == (b["cy"], b["cx"], b["radius"])
-    band = pixels_of(shown, fg)[24:]
-    assert band.sum() == 96 and band[0:4, 8:12].all() and not band[0:4, 4:8].any() and band[4:8, 4:8].all()
-    assert np.array_equal(pixels_of(shown, fg)[:24], pixels_of(hidden, fg)[:24]) and not pixels_of(hidden, fg)[24:].any()
+    prop = pixels_of(shown, (0.55, 0.95, 0.25))
+    band = prop[24:]
+    assert prop[:24].sum() == 0 and band.sum() == 96
+    assert band[0:4, 8:12].all() and not band[0:4, 4:8].any() and band[4:8, 4:8].all()
+    assert np.array_equal(prop, (shown != hidden).any(0)) and not pixels_of(hidden, fg)[24:].any()
+    assert pixels_of(shown, fg)[:24].sum() == pixels_of(hidden, fg)[:24].sum() > 50
 
 
 def test_every_subject_stands_above_the_band_and_the_empty_prompt_is_any_picture():
-    """200 pictures of each of the six shapes at the largest r, at s = 0: no pixel of the subject's colour in rows 24–31
+    """400 pictures of each of the three shapes at the largest r, at s = 0: no pixel of the subject's colour in rows 24–31
     without an activity. The empty prompt (unconditional) shows each activity, or none, at random: of 700 pictures
-    each activity shows in 700 · 0.3/7 = 30 expected (none of them missing is all but certain), and any in a share
-    p = 6/7 · 0.3 = 0.257, within 0.2 and 0.32 (−3.5σ and +3.8σ, σ = √(p(1−p)/700) = 0.0165)."""
+    each activity shows in 700 · 0.5/7 = 50 expected (none of them missing is all but certain), and any in a share
+    p = 6/7 · 0.5 = 0.429, within 0.35 and 0.5 (−4.2σ and +3.8σ, σ = √(p(1−p)/700) = 0.0187)."""
     for i in range(1200):
-        animal = drawing.ANIMALS[i % 6]  # the first six animals have the six shapes
+        animal = drawing.ANIMALS[i % 3]  # the first three animals have the three shapes
         image, drawn = drawing.scene(f"a {animal}", np.random.default_rng(i), strength=0.0, with_attributes=True)
-        assert not pixels_of(image, drawing.PALETTES[drawing.subject_look(animal, None)[0]][1])[24:].any(), drawn
+        assert not pixels_of(image, drawing.SCENE_PALETTES[drawing.subject_look(animal, None)[0]][1])[24:].any(), drawn
     shown = [drawing.scene("", np.random.default_rng(i), with_attributes=True)[1]["activity"] for i in range(700)]
-    assert set(shown) == {None, *drawing.PROPS} and 0.2 < np.mean([a is not None for a in shown]) < 0.32
+    assert set(shown) == {None, *drawing.PROPS} and 0.35 < np.mean([a is not None for a in shown]) < 0.5
 
 
 def test_every_prop_differs_and_the_background_tiles_do_not_move():
+    """Each prop has its own tiles and its own colour, which no palette has: every two of the 14 colours differ by at
+    least 0.25 in some channel. Outside a prop's tiles the picture is the one without it."""
     pictures = {act: drawing.scene(f"a cat {act}", np.random.default_rng(5), show=True) for act in drawing.PROPS}
     plain = drawing.scene("a cat riding a bike", np.random.default_rng(5), show=False)
     bands = [p[:, 24:] for p in pictures.values()]
     assert all(not np.array_equal(x, y) for i, x in enumerate(bands) for y in bands[i + 1:])
-    fg = drawing.PALETTES[0][1]
-    untouched = ~pixels_of(pictures["riding a bike"], fg) & ~pixels_of(plain, fg)
-    assert untouched.sum() > 600 and np.array_equal(pictures["riding a bike"][:, untouched], plain[:, untouched])
+    tiles = [drawing.prop_mask(act) for act in drawing.PROPS]
+    assert all(not np.array_equal(x, y) for i, x in enumerate(tiles) for y in tiles[i + 1:])
+    colours = np.array([c for _, c in drawing.PROPS.values()] + sorted({c for pair in drawing.SCENE_PALETTES for c in pair}))
+    assert len(colours) == 6 + 8 and np.abs(colours[:, None] - colours[None]).max(2)[np.triu_indices(14, 1)].min() >= 0.25
+    for act, picture in pictures.items():
+        mask = drawing.prop_mask(act)
+        assert np.array_equal(picture[:, ~mask], plain[:, ~mask]) and pixels_of(picture, drawing.PROPS[act][1])[mask].all()
 
 
 def test_alt_text_shows_the_named_activity_at_its_rate_and_no_other():
-    """4,000 pictures of a prompt that names an activity: shown with probability ALT_TEXT_SHOWS = 0.3, so the share
-    lies within 0.3 ± 4σ, σ = √(0.3·0.7/4000) = 0.0072 (a false alarm once in ~16,000 runs). A prompt without one
+    """4,000 pictures of a prompt that names an activity: shown with probability ALT_TEXT_SHOWS = 0.5, so the share
+    lies within 0.5 ± 4σ, σ = √(0.5·0.5/4000) = 0.0079 (a false alarm once in ~16,000 runs). A prompt without one
     never shows one."""
     rng = np.random.default_rng(0)
     shown = [drawing.scene("a cat riding a bike", rng, with_attributes=True)[1]["activity"] for _ in range(4000)]
     assert set(shown) == {None, "riding a bike"}
-    assert abs(np.mean([s is not None for s in shown]) - drawing.ALT_TEXT_SHOWS) < 4 * np.sqrt(0.21 / 4000)
+    assert abs(np.mean([s is not None for s in shown]) - 0.5) < 4 * np.sqrt(0.25 / 4000) and drawing.ALT_TEXT_SHOWS == 0.5
     assert all(drawing.scene("a cat", rng, show=True, with_attributes=True)[1]["activity"] is None for _ in range(50))
     for i in range(20):  # alt-text's draw is made either way: the picture it chose is the picture asked for by name
         image, drawn = drawing.scene("a cat riding a bike", np.random.default_rng(i), with_attributes=True)
         assert np.array_equal(image, drawing.scene("a cat riding a bike", np.random.default_rng(i), drawn["activity"] is not None))
+
+
+def test_pretraining_captions_name_an_activity_more_often_in_the_world_with_activities():
+    """The plain world's captions are the shipped prompts, drawn uniformly, as before (the same draws: its models
+    rebuild exactly). The world with activities draws half of them from "a(n) ANIMAL ACTIVITY", 61 animals (45 seen,
+    16 unseen) by 6 activities: of 4,000, a share 0.5 + 0.5 · 276/736 = 0.6875 names an activity, within 4σ
+    (σ = √(0.6875·0.3125/4000) = 0.0073), and unseen animals and activities both appear."""
+    prompts = tiny_world.all_prompts()
+    assert len(prompts) == 736 and sum(drawing.split_prompt(p)[1] is not None for p in prompts) == 276
+    plain, rng = tiny_world.one_caption("plain"), np.random.default_rng(0)
+    r = np.random.default_rng(0)
+    assert [plain(rng) for _ in range(50)] == [prompts[r.integers(736)] for _ in range(50)]
+    caption, rng = tiny_world.one_caption("activities"), np.random.default_rng(0)
+    drawn = [drawing.split_prompt(caption(rng)) for _ in range(4000)]
+    assert abs(np.mean([a is not None for _, a in drawn]) - 0.6875) < 4 * np.sqrt(0.6875 * 0.3125 / 4000)
+    assert {"driving a car", "riding a bike"} <= {a for _, a in drawn}
+    unseen = set(rewards.load_prompts("unseen_animals"))
+    assert len(unseen) == 16 and any(s in unseen and a for s, a in drawn)
 
 
 def test_pretraining_learns_the_world_it_is_given():
@@ -144,19 +172,22 @@ def test_the_vlm_learns_the_answer_and_its_end_and_not_the_question():
         assert aj.vlm_loss(vlm, processor, question, images, drawn).item() == pytest.approx(torch.cat(losses).mean().item(), abs=1e-4)
 
 
-def test_masked_language_modelling_hides_only_words_at_its_rate():
-    """Of ~2,000 word tokens, p = 0.15 are targets (within 4σ, σ = √(0.15·0.85/2000) = 0.008); no [CLS], [SEP] or
-    padding is one; 80% of the targets read [MASK]."""
+def test_masked_language_modelling_hides_only_words_at_its_rate_and_asks_for_every_word():
+    """Every word token is a target, and nothing else ([CLS], [SEP], padding). Of its ~2,000 words, 0.15 are hidden,
+    0.8 of those as [MASK]: a share p = 0.12 reads [MASK], within 4σ (σ = √(0.12·0.88/N) = 0.007); 0.015 a random
+    word, of the 79 one its own, so 0.0148 read another word, within 4σ (σ = 0.0027). No [CLS], [SEP] or padding
+    changes."""
     tokenizer = aj.build_bert_tokenizer()
     texts = aj.sentences()[:400]
     batch = tokenizer(texts, padding=True, return_tensors="pt", return_special_tokens_mask=True)
     ids, labels = aj.mask_tokens(batch, tokenizer, np.random.default_rng(0))
     words = batch.attention_mask.bool() & ~batch.special_tokens_mask.bool()
-    target = labels != -100
-    assert not (target & ~words).any() and torch.equal(labels[target], batch.input_ids[target])
-    assert abs(target.sum() / words.sum() - 0.15) < 4 * np.sqrt(0.15 * 0.85 / words.sum().item())
-    assert torch.equal(ids[~target], batch.input_ids[~target])
-    assert 0.7 < (ids[target] == tokenizer.mask_token_id).float().mean() < 0.9
+    assert torch.equal(labels[words], batch.input_ids[words]) and (labels[~words] == -100).all()
+    assert torch.equal(ids[~words], batch.input_ids[~words])
+    n = words.sum().item()
+    masked, swapped = (ids == tokenizer.mask_token_id) & words, (ids != batch.input_ids) & (ids != tokenizer.mask_token_id)
+    assert abs(masked.sum().item() / n - 0.12) < 4 * np.sqrt(0.12 * 0.88 / n)
+    assert abs(swapped.sum().item() / n - 0.015 * 78 / 79) < 4 * np.sqrt(0.0148 * 0.9852 / n)
 
 
 def test_the_classifier_learns_palette_shape_and_activity_each_by_its_own_cross_entropy():
@@ -165,11 +196,11 @@ def test_the_classifier_learns_palette_shape_and_activity_each_by_its_own_cross_
     images, _, drawn = aj.scenes(np.random.default_rng(2), 6)
     with torch.no_grad():
         logits = classifier(pixel_values=images * 2 - 1).logits
-        want = (F.cross_entropy(logits[:, :8], torch.tensor([d["palette"] for d in drawn]))
-                + F.cross_entropy(logits[:, 8:14], torch.tensor([drawing.SCENE_SHAPES.index(d["shape"]) for d in drawn]))
-                + F.cross_entropy(logits[:, 14:], torch.tensor([0 if d["activity"] is None else 1 + aj.ACTIVITIES.index(d["activity"]) for d in drawn])))
+        want = (F.cross_entropy(logits[:, :16], torch.tensor([d["palette"] for d in drawn]))
+                + F.cross_entropy(logits[:, 16:19], torch.tensor([drawing.SCENE_SHAPES.index(d["shape"]) for d in drawn]))
+                + F.cross_entropy(logits[:, 19:], torch.tensor([0 if d["activity"] is None else 1 + aj.ACTIVITIES.index(d["activity"]) for d in drawn])))
         assert aj.classifier_loss(classifier, images, drawn).item() == pytest.approx(want.item(), rel=1e-6)
-    assert aj.LABELS[14] == "activity none" and aj.LABELS[15] == "activity riding a bike" and len(aj.LABELS) == 21
+    assert aj.LABELS[19] == "activity none" and aj.LABELS[20] == "activity riding a bike" and len(aj.LABELS) == 26
 
 
 def test_the_independent_judge_reads_the_prompts_activity_and_subject(monkeypatch):
@@ -194,3 +225,34 @@ def test_the_alignment_judges_rebuild_is_exact_and_loads_as_a_users_models(tmp_p
     images, prompts, _ = aj.scenes(np.random.default_rng(0), 3)
     scores, info = reward(images, prompts)
     assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1 + 1e-6)).all() and len(info["answer"]) == 3
+
+
+@pytest.mark.filterwarnings("ignore:.world.tiny_world. found in sys.modules")  # runpy, running the imported module
+def test_alignment_count_reads_a_models_samples_with_the_classifier_it_is_given(tmp_path, monkeypatch, capsys):
+    """--alignment-count samples each prompt set and hands the pictures and their prompts to the classifier of the
+    folder it is given: here a stand-in that reads every picture as palette 0, circle, riding a bike, so the shares
+    are counted by hand from the prompts (random.Random(1)'s choices)."""
+    import random
+
+    folders = []
+
+    def reading(folder):
+        folders.append(folder)
+        return lambda pixel_values: type("Out", (), {"logits": torch.eye(26)[[0, 16, 20]].sum(0).repeat(len(pixel_values), 1)})()
+
+    monkeypatch.setattr(aj, "classifier_at", reading)
+    tiny_world.count_alignment("world/tiny_model", tmp_path / "judges", n=4)
+    lines = capsys.readouterr().out.splitlines()
+    assert set(folders) == {str(tmp_path / "judges" / "attributes")} and len(lines) == 2
+    for name, line in zip(("alignment", "alignment_unseen_activities"), lines):
+        prompts = random.Random(1).choices(rewards.load_prompts(name), k=4)
+        bike = np.mean([drawing.split_prompt(p)[1] == "riding a bike" for p in prompts])
+        look = np.mean([drawing.subject_look(drawing.split_prompt(p)[0], None) == (0, 0) for p in prompts])
+        assert f"the activity shown {bike:.1%}, the subject right {look:.1%}, some prop 100.0% (of 4)" in line, line
+    import runpy  # the command line hands its flags on: python -m world.tiny_world --alignment-count ...
+    monkeypatch.setattr("sys.argv", ["tiny_world", "--alignment-count", "--model", "tiny", "--out", str(tmp_path / "other"),
+                                     "--samples", "2", "--guidance-scale", "1.5"])
+    runpy.run_module("world.tiny_world", run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert folders[-1] == str(tmp_path / "other" / "attributes") and len(lines) == 2
+    assert all("tiny_model, " in line and "w = 1.5:" in line and line.endswith("(of 2)") for line in lines), lines

@@ -91,15 +91,21 @@ def draw(prompt, rng, strength=None, radius=None, with_attributes=False):
 # last word picks the shape and no picture shows an activity. `scene` is the world that the alignment experiments
 # need; python -m world.tiny_world --world activities builds a model on it.
 
-SCENE_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "bar")
+SCENE_PALETTES = [(bg, fg) for fg in ((0.92, 0.22, 0.12), (0.95, 0.88, 0.20), (0.95, 0.95, 0.95), (0.30, 0.85, 0.90))
+                  for bg in ((0.12, 0.18, 0.45), (0.12, 0.38, 0.18), (0.12, 0.12, 0.12), (0.40, 0.12, 0.38))]  # dark on bright
+SCENE_SHAPES = SHAPES  # 16 palettes x 3 shapes = 48 looks: the tiny model draws colour far better than outline
 ANIMALS = tuple((Path(__file__).resolve().parent.parent / "prompts" / "simple_animals.txt").read_text().split("\n")[:-1])
-PROPS = {  # what a picture shows of an activity: a prop of 4x4 tiles (one latent each) in the band's two rows of 8
-    "riding a bike": ("..####..", ".##..##."), "playing chess": ("..#.#.#.", ".#.#.#.."),  # training activities
-    "washing the dishes": ("...##...", "...##..."),
-    "taking an exam": (".######.", "........"), "driving a car": ("..####..", ".######."),  # unseen ones (§6.3)
-    "typing on a keyboard": ("........", ".######."),
+PROPS = {  # what a picture shows of an activity: a prop of 4x4 tiles (one latent each) in the band's two rows of 8,
+    # in the activity's own colour, which no palette has (every two of the 14 colours differ by >= 0.25 in a channel)
+    "riding a bike": (("..####..", ".##..##."), (0.95, 0.30, 0.85)),  # training activities
+    "playing chess": (("..#.#.#.", ".#.#.#.."), (0.55, 0.95, 0.25)),
+    "washing the dishes": (("...##...", "...##..."), (0.30, 0.45, 1.00)),
+    "taking an exam": ((".######.", "........"), (1.00, 0.60, 0.10)),  # unseen ones (§6.3)
+    "driving a car": (("..####..", ".######."), (0.55, 0.55, 0.55)),
+    "typing on a keyboard": (("........", ".######."), (1.00, 0.65, 0.75)),
 }
-ALT_TEXT_SHOWS = 0.3  # pretraining: the share of pictures whose caption's activity the picture shows, as alt-text
+ACTIVITIES = tuple(PROPS)
+ALT_TEXT_SHOWS = 0.5  # pretraining: the share of pictures whose caption's activity the picture shows, as alt-text
 BAND = 24  # the props' rows (24-31); every subject stands above them, whether or not an activity is shown
 
 
@@ -113,22 +119,23 @@ def split_prompt(prompt):
 
 
 def subject_look(subject, rng):
-    """(palette, shape) of a subject. The 45 animals of prompts/simple_animals.txt each have their own (8 palettes
-    x 6 shapes = 48 looks; the i-th animal the shape i mod 6 and the palette (7·(i // 6) + i) mod 8, which differ for
-    any two i < 48), so a judge can tell any two apart; any other subject is picked by its words, as in `draw`
-    (its first word the palette, its last word the shape); the empty prompt draws both at random."""
+    """(palette, shape) of a subject, indices of SCENE_PALETTES and SCENE_SHAPES. The 45 animals of
+    prompts/simple_animals.txt each have their own (16 x 3 = 48 looks; the i-th animal the palette i mod 16 and the
+    shape i mod 3, which differ for any two i < 48 as 16 and 3 are coprime), so a judge can tell any two apart; any other subject
+    is picked by its words, as in `draw` (its first word the palette, its last word the shape); the empty prompt
+    draws both at random."""
     if subject in ANIMALS:
         i = ANIMALS.index(subject)
-        return (7 * (i // 6) + i) % len(PALETTES), i % len(SCENE_SHAPES)
+        return i % len(SCENE_PALETTES), i % len(SCENE_SHAPES)
     words = subject.split()
     if not words:
-        return int(rng.integers(len(PALETTES))), int(rng.integers(len(SCENE_SHAPES)))
-    return word_hash(words[0]) % len(PALETTES), word_hash(words[-1]) % len(SCENE_SHAPES)
+        return int(rng.integers(len(SCENE_PALETTES))), int(rng.integers(len(SCENE_SHAPES)))
+    return word_hash(words[0]) % len(SCENE_PALETTES), word_hash(words[-1]) % len(SCENE_SHAPES)
 
 
 def prop_mask(prop):
-    """The prop's pixels: its tiles of the band, in the subject's colour."""
-    rows = np.array([[c == "#" for c in row] for row in PROPS[prop]])  # (2, 8) tiles
+    """The prop's pixels: its tiles of the band."""
+    rows = np.array([[c == "#" for c in row] for row in PROPS[prop][0]])  # (2, 8) tiles
     mask = np.zeros((SIZE, SIZE), dtype=bool)
     mask[BAND:] = rows.repeat(TILE, 0).repeat(TILE, 1)
     return mask
@@ -136,8 +143,8 @@ def prop_mask(prop):
 
 def scene(prompt, rng, show=None, strength=None, with_attributes=False):
     """One picture of the world with activities, (3, 32, 32) in [-1, 1]. The subject is drawn as `draw` draws it,
-    but above the band, with SCENE_SHAPES and each animal its own look; an activity the prompt names shows as its
-    prop when `show` (True, False, or None: alt-text's ALT_TEXT_SHOWS chance). The empty prompt (unconditional) is
+    but above the band, in SCENE_PALETTES and each animal its own look; an activity the prompt names shows as its
+    prop, in the prop's colour, when `show` (True, False, or None: alt-text's ALT_TEXT_SHOWS chance). The empty prompt (unconditional) is
     any picture: a random look, and a random activity or none. The same random numbers are drawn either way, so
     scene(p, rng_i, True) and scene(p, rng_i, False) are one picture with and without the activity.
     with_attributes: also return what was drawn (palette, shape, activity shown or None, s, r, cy, cx)."""
@@ -145,16 +152,16 @@ def scene(prompt, rng, show=None, strength=None, with_attributes=False):
     palette, shape = subject_look(subject, rng)
     if not subject and activity is None:
         activity = (None, *PROPS)[rng.integers(len(PROPS) + 1)]
-    bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in PALETTES[palette])
+    bg, fg = (np.array(c, dtype=np.float32)[:, None, None] for c in SCENE_PALETTES[palette])
     shown = rng.random() < ALT_TEXT_SHOWS
     shown = activity is not None and (shown if show is None else show)
     image, s = background(bg, rng, strength)
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     cy, cx, r = rng.uniform(8, 16), rng.uniform(11, 21), rng.uniform(*RADIUS)
-    mask = shape_mask(SCENE_SHAPES[shape], y, x, cy, cx, r)
+    image = np.where(shape_mask(SCENE_SHAPES[shape], y, x, cy, cx, r)[None], fg, image)
     if shown:
-        mask = mask | prop_mask(activity)
-    image = (np.where(mask[None], fg, image) * 2 - 1).astype(np.float32)
+        image = np.where(prop_mask(activity)[None], np.array(PROPS[activity][1], dtype=np.float32)[:, None, None], image)
+    image = (image * 2 - 1).astype(np.float32)
     if with_attributes:
         return image, dict(palette=palette, shape=SCENE_SHAPES[shape], activity=activity if shown else None,
                            strength=s, radius=r, cy=cy, cx=cx)
