@@ -548,7 +548,7 @@ MUTANTS = [
     ("a prop's tiles drawn one tile to the left", "world/drawing.py", "mask[BAND:] = rows.repeat(TILE, 0).repeat(TILE, 1)",
      "mask[BAND:] = np.roll(rows, -1, 1).repeat(TILE, 0).repeat(TILE, 1)",
      [A + "test_a_shown_activity_is_its_prop_under_the_subject_on_the_same_background"]),
-    ("the animals' looks repeat (palette i mod 8, the plain world's palettes)", "world/drawing.py",
+    ("the animals' looks repeat (palette i mod 8, as many palettes as the plain world's)", "world/drawing.py",
      "return i % len(SCENE_PALETTES), i % len(SCENE_SHAPES)", "return i % 8, i % len(SCENE_SHAPES)",
      [A + "test_every_animal_has_its_own_look_and_any_other_subject_is_picked_by_its_words"]),
     ("a prompt's article kept in its subject", "world/drawing.py", 'return " ".join(w for w in subject if w not in ("a", "an")), activity',

@@ -56,7 +56,7 @@ def test_a_shown_activity_is_its_prop_under_the_subject_on_the_same_background()
 
 
 def test_every_subject_stands_above_the_band_and_the_empty_prompt_is_any_picture():
-    """400 pictures of each of the three shapes at the largest r, at s = 0: no pixel of the subject's colour in rows 24–31
+    """400 pictures of each of the three shapes (r up to 7 below cy ≤ 16), at s = 0: no pixel of the subject's colour in rows 24–31
     without an activity. The empty prompt (unconditional) shows each activity, or none, at random: of 700 pictures
     each activity shows in 700 · 0.5/7 = 50 expected (none of them missing is all but certain), and any in a share
     p = 6/7 · 0.5 = 0.429, within 0.35 and 0.5 (−4.2σ and +3.8σ, σ = √(p(1−p)/700) = 0.0187)."""

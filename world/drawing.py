@@ -58,13 +58,7 @@ def shape_mask(shape, y, x, cy, cx, r):
         return (y - cy) ** 2 + (x - cx) ** 2 <= r**2
     if shape == "square":
         return (np.abs(y - cy) <= r * 0.85) & (np.abs(x - cx) <= r * 0.85)
-    if shape == "triangle":  # pointing up
-        return (y <= cy + r * 0.8) & (np.abs(x - cx) <= (y - (cy - r)) * 0.6)
-    if shape == "diamond":
-        return np.abs(y - cy) + np.abs(x - cx) <= r * 1.1
-    if shape == "cross":
-        return ((np.abs(y - cy) <= r * 0.35) | (np.abs(x - cx) <= r * 0.35)) & (np.maximum(np.abs(y - cy), np.abs(x - cx)) <= r)
-    return (np.abs(y - cy) <= r * 0.45) & (np.abs(x - cx) <= r)  # bar: wide and low
+    return (y <= cy + r * 0.8) & (np.abs(x - cx) <= (y - (cy - r)) * 0.6)  # triangle, pointing up
 
 
 def draw(prompt, rng, strength=None, radius=None, with_attributes=False):
@@ -92,7 +86,8 @@ def draw(prompt, rng, strength=None, radius=None, with_attributes=False):
 # need; python -m world.tiny_world --world activities builds a model on it.
 
 SCENE_PALETTES = [(bg, fg) for fg in ((0.92, 0.22, 0.12), (0.95, 0.88, 0.20), (0.95, 0.95, 0.95), (0.30, 0.85, 0.90))
-                  for bg in ((0.12, 0.18, 0.45), (0.12, 0.38, 0.18), (0.12, 0.12, 0.12), (0.40, 0.12, 0.38))]  # dark on bright
+                  for bg in ((0.12, 0.18, 0.45), (0.12, 0.38, 0.18), (0.12, 0.12, 0.12), (0.40, 0.12, 0.38))]
+# ^ bright subjects on dark backgrounds
 SCENE_SHAPES = SHAPES  # 16 palettes x 3 shapes = 48 looks: the tiny model draws colour far better than outline
 ANIMALS = tuple((Path(__file__).resolve().parent.parent / "prompts" / "simple_animals.txt").read_text().split("\n")[:-1])
 PROPS = {  # what a picture shows of an activity: a prop of 4x4 tiles (one latent each) in the band's two rows of 8,
@@ -121,9 +116,9 @@ def split_prompt(prompt):
 def subject_look(subject, rng):
     """(palette, shape) of a subject, indices of SCENE_PALETTES and SCENE_SHAPES. The 45 animals of
     prompts/simple_animals.txt each have their own (16 x 3 = 48 looks; the i-th animal the palette i mod 16 and the
-    shape i mod 3, which differ for any two i < 48 as 16 and 3 are coprime), so a judge can tell any two apart; any other subject
-    is picked by its words, as in `draw` (its first word the palette, its last word the shape); the empty prompt
-    draws both at random."""
+    shape i mod 3, which differ for any two i < 48 as 16 and 3 are coprime), so a judge can tell any two apart; any
+    other subject is picked by its words, as in `draw` (its first word the palette, its last word the shape); the
+    empty prompt draws both at random."""
     if subject in ANIMALS:
         i = ANIMALS.index(subject)
         return i % len(SCENE_PALETTES), i % len(SCENE_SHAPES)
@@ -144,9 +139,10 @@ def prop_mask(prop):
 def scene(prompt, rng, show=None, strength=None, with_attributes=False):
     """One picture of the world with activities, (3, 32, 32) in [-1, 1]. The subject is drawn as `draw` draws it,
     but above the band, in SCENE_PALETTES and each animal its own look; an activity the prompt names shows as its
-    prop, in the prop's colour, when `show` (True, False, or None: alt-text's ALT_TEXT_SHOWS chance). The empty prompt (unconditional) is
-    any picture: a random look, and a random activity or none. The same random numbers are drawn either way, so
-    scene(p, rng_i, True) and scene(p, rng_i, False) are one picture with and without the activity.
+    prop, in the prop's colour, when `show` (True, False, or None: alt-text's ALT_TEXT_SHOWS chance). The empty
+    prompt (unconditional) is any picture: a random look, and a random activity or none. The same random numbers are
+    drawn either way, so scene(p, rng_i, True) and scene(p, rng_i, False) are one picture with and without the
+    activity.
     with_attributes: also return what was drawn (palette, shape, activity shown or None, s, r, cy, cx)."""
     subject, activity = split_prompt(prompt)
     palette, shape = subject_look(subject, rng)

@@ -30,12 +30,13 @@ with the flow-matching loss (ddpo.flow_matching_loss) on the frozen VAE of tiny_
 The tiny judges (world/judges/: a CLIP and LAION's aesthetic head, trained on the world's pictures; world/judges.py):
     python -m world.tiny_world --judges --seed 0    # the CLIP, then the rated pictures and the head: 20 min
     python -m world.tiny_world --judges-check       # how right they are, on freshly drawn pictures: under a minute
-The world with activities (world.drawing.scene: "a cat riding a bike" shows the bike in 30% of pictures, as alt-text
+The world with activities (world.drawing.scene: "a cat riding a bike" shows the bike in 50% of pictures, as alt-text
 names more than its picture shows) and the alignment experiments' judges on it (world/alignment_judges.py). The
 built-in models above learned the plain world; these commands build a model and its judges on the new one:
     python -m world.tiny_world --world activities --seed 0 --out FOLDER/model
     python -m world.tiny_world --alignment-judges --seed 0 --model FOLDER/model --out FOLDER/judges
     python -m world.tiny_world --alignment-judges-check --model FOLDER/model --out FOLDER/judges
+    python -m world.tiny_world --alignment-count --model MODEL_OR_RUN --out FOLDER/judges   # what it draws, counted
 """
 import argparse
 from pathlib import Path
@@ -63,7 +64,7 @@ def one_caption(world):
     """A pretraining caption of the world, drawn as caption(rng): any prompt the project ships, uniformly; in the
     world with activities, half of them instead "a(n) ANIMAL ACTIVITY" for any of the seen and unseen animals and any
     of the six activities. (The shipped prompts name an activity in 276 of 736: too few pictures of each prop, 1.9%
-    at alt-text's rate, for the tiny model to tie a prop to its words; it drew props at the unconditional rate
+    at alt-text's former rate of 0.3, for the tiny model to tie a prop to its words; it drew props at the unconditional rate
     whatever the prompt.)"""
     prompts = all_prompts()
     if world == "plain":
