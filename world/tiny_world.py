@@ -69,10 +69,10 @@ def one_caption(world):
     prompts = all_prompts()
     if world == "plain":
         return lambda rng: prompts[rng.integers(len(prompts))]
+    from world.alignment_judges import answer
     from world.drawing import ACTIVITIES, ANIMALS
 
-    both = [f"{'an' if s[0] in 'aeiou' else 'a'} {s} {a}" for s in ANIMALS + tuple(rewards.load_prompts("unseen_animals"))
-            for a in ACTIVITIES]
+    both = [answer(s, a) for s in ANIMALS + tuple(rewards.load_prompts("unseen_animals")) for a in ACTIVITIES]
     return lambda rng: both[rng.integers(len(both))] if rng.random() < 0.5 else prompts[rng.integers(len(prompts))]
 
 
