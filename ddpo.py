@@ -45,7 +45,7 @@ from plumbing.processes import (bars, clear_bars, distributed, gather, gather_ob
                                 sum_gradients, together)
 from plumbing.training_run import Run
 from rewards import compute_rewards, load_prompts
-from world import TINY_MODELS  # the built-in models, 'tiny' and 'tiny-flow'
+from world import TINY_MODELS  # the built-in models: 'tiny', 'tiny-flow', 'tiny-activities'
 
 
 def arg(default, help):
@@ -59,9 +59,9 @@ class Args:
                               f"own as module:function or path/to/file.py:function (README: Your own reward)")
     algo: str = arg("is", "estimator: sf = DDPO_SF (REINFORCE), is = DDPO_IS (clipped importance sampling), "
                           "rwr = RWR exponential weights, rwr-sparse = RWR sparse weights (paper §4.2, §4.3)")
-    model: str = arg("tiny", "'tiny' (built in, SD v1-style: 32x32 images, 4x8x8 latents), 'tiny-flow' (built in, SD3-style),"
-                             " a diffusers folder or hub id of a StableDiffusionPipeline (DDIM policy) or a Stable"
-                             "Diffusion3Pipeline (Flow-GRPO's SDE policy), or a run folder (base model + last checkpoint)")
+    model: str = arg("tiny", "built in: 'tiny' (SD v1-style, 32x32 images), 'tiny-flow' (SD3-style), 'tiny-activities' (tiny on "
+                             "the world with activities, for --reward alignment); a diffusers folder or hub id of a Stable"
+                             "DiffusionPipeline (DDIM policy) or StableDiffusion3Pipeline (Flow-GRPO's SDE); or a run folder")
     lora_rank: Optional[int] = arg(None, "LoRA rank on the denoiser's attention projections; 0 = full fine-tuning. "
                                          "Default: 0 for the tiny models (they learn faster so), 4 otherwise (the "
                                          "PyTorch port's setting)")

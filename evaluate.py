@@ -5,15 +5,18 @@
 
 Both models sample the same 16 prompts of each set with the same noise (a stream of its own, never a training
 sample's), in the run's precision unless --mixed-precision is given. Writes RUN/eval/train.png and heldout.png
-(base | fine-tuned side by side, each captioned with its reward) and RUN/eval/eval.json (the mean rewards).
+(base | fine-tuned side by side, each captioned with its reward, and with the VLM's answer under it for the
+alignment reward, as the paper's Fig. 5-6) and RUN/eval/eval.json (the mean rewards).
 --judge scores the same pictures with a second reward that is not the run's (captioned "reward / judge"), to see
-whether what the reward rose for is what was wanted; with the toy world's rater:
+whether what the reward rose for is what was wanted; with the toy world's rater, or its attribute classifier:
     python evaluate.py runs/NAME --judge world.judges:taste
+    python evaluate.py runs/NAME --judge world.alignment_judges:shows_activity
 """
 import dataclasses
 import json
 import os
 import random
+import textwrap
 from pathlib import Path
 
 import torch
@@ -79,19 +82,21 @@ def evaluate(args):
             prompts = random.Random(args.seed).choices(prompt_set, k=16)
             noise = ddpo.noise_generators(args.seed, range(len(prompts)), stream=2)  # the same for base and tuned
             _, images = ddpo.sample(models, prompts, run, noise, run.sample_batch_size, f"{which} {name}")
-            r, _ = compute_rewards(reward_fn, run.reward, images, prompts)
+            r, extras = compute_rewards(reward_fn, run.reward, images, prompts)
             judged = compute_rewards(judge_fn, args.judge, images, prompts)[0] if judge_fn else None
-            results.setdefault(name, {})[which] = (images, r, judged)
+            results.setdefault(name, {})[which] = (images, r, judged, extras.get("answer"))
         del models  # one UNet in memory at a time
     summary = {}
     with atomic_folder(out) as tmp:  # the grids and eval.json of one evaluation together, or the older ones kept
         for name, res in results.items():
-            (base_images, base_r, base_j), (tuned_images, tuned_r, tuned_j) = res["base"], res["tuned"]
+            (base_images, base_r, base_j, base_a), (tuned_images, tuned_r, tuned_j, tuned_a) = res["base"], res["tuned"]
             images = torch.stack([base_images, tuned_images], 1).flatten(0, 1)  # base, tuned, base, tuned, …
             judged = (base_j.tolist(), tuned_j.tolist()) if judge_fn else ([None] * len(base_r),) * 2
+            answers = (base_a, tuned_a) if base_a else ([None] * len(base_r),) * 2  # a VLM's (alignment's), as Fig. 5
             captions = [f"{w} {v:.3g}" + (f" / {j:.3g}" if j is not None else "")  # reward / judge
-                        for b, t, bj, tj in zip(base_r.tolist(), tuned_r.tolist(), *judged)
-                        for w, v, j in (("base", b, bj), ("tuned", t, tj))]
+                        + ("\n" + "\n".join(textwrap.wrap(a, 21)[:2]) if a is not None else "")  # and the answer
+                        for b, t, bj, tj, ba, ta in zip(base_r.tolist(), tuned_r.tolist(), *judged, *answers)
+                        for w, v, j, a in (("base", b, bj, ba), ("tuned", t, tj, ta))]
             save_grid(images, captions, tmp / f"{name}.png")
             summary[name] = {"prompts": names[name], "base_reward_mean": base_r.mean().item(),
                              "tuned_reward_mean": tuned_r.mean().item()}

@@ -454,15 +454,16 @@ def read_prompt_file(path):
     return prompts
 
 
-def alignment_prompts(activities_file):
-    """Paper §5.3: "a(n) [animal] [activity]" from the 45 simple animals and a file of activities."""
-    animals = read_prompt_file(PROMPTS / "simple_animals.txt")
+def alignment_prompts(activities_file, animals_file=PROMPTS / "simple_animals.txt"):
+    """Paper §5.3: "a(n) [animal] [activity]" from a file of animals (the 45 simple animals) and one of activities."""
+    animals = read_prompt_file(animals_file)
     return [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in animals for act in read_prompt_file(activities_file)]
 
 
 PROMPT_SETS = {  # sets built from two files; every prompts/<name>.txt is a set too
     "alignment": lambda: alignment_prompts(PROMPTS / "activities.txt"),
-    "alignment_unseen_activities": lambda: alignment_prompts(PROMPTS / "unseen_activities.txt"),
+    "alignment_unseen_activities": lambda: alignment_prompts(PROMPTS / "unseen_activities.txt"),  # paper §6.3
+    "alignment_unseen_animals": lambda: alignment_prompts(PROMPTS / "activities.txt", PROMPTS / "unseen_animals.txt"),
 }
 
 

@@ -930,6 +930,8 @@ def test_prompt_sets():
     alignment = rewards.load_prompts("alignment")
     assert len(alignment) == 45 * 3 and "an ant playing chess" in alignment and "a cat riding a bike" in alignment
     assert "a turtle driving a car" in rewards.load_prompts("alignment_unseen_activities")
+    unseen = rewards.load_prompts("alignment_unseen_animals")  # §6.3: new animals, the training activities
+    assert len(unseen) == 16 * 3 and "a penguin riding a bike" in unseen and "an owl playing chess" in unseen
     assert rewards.load_prompts(str(HERE / "prompts" / "everyday_objects.txt")) == rewards.load_prompts("everyday_objects")
     assert not set(rewards.load_prompts("unseen_animals")) & set(rewards.load_prompts("simple_animals"))
 

@@ -13,17 +13,19 @@ from rewards import to_pil
 
 
 def save_grid(images, captions, path, columns=4, cell=128):
-    """Images (B, 3, H, W) in [0, 1] as a captioned grid PNG (nearest-neighbour upscaling keeps pixels visible)."""
+    """Images (B, 3, H, W) in [0, 1] as a captioned grid PNG (nearest-neighbour upscaling keeps pixels visible).
+    A caption's lines ('\n') each get a 14-pixel strip of their own under the picture, cut to what fits."""
     from PIL import Image, ImageDraw
 
     pils = to_pil(images)
-    rows = math.ceil(len(pils) / columns)
-    grid = Image.new("RGB", (columns * cell, rows * (cell + 14)), "white")
+    rows, strip = math.ceil(len(pils) / columns), 14 * max([c.count("\n") + 1 for c in captions] or [1])
+    grid = Image.new("RGB", (columns * cell, rows * (cell + strip)), "white")
     draw = ImageDraw.Draw(grid)
     for i, (img, caption) in enumerate(zip(pils, captions)):
-        x, y = (i % columns) * cell, (i // columns) * (cell + 14)
+        x, y = (i % columns) * cell, (i // columns) * (cell + strip)
         grid.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + cell + 1), caption[: cell // 6], fill="black")
+        for k, line in enumerate(caption.split("\n")):
+            draw.text((x + 2, y + cell + 1 + 14 * k), line[: cell // 6], fill="black")
     with atomic_file(path) as tmp:
         grid.save(tmp)
 

@@ -1,6 +1,7 @@
 """The world with activities (world.drawing.scene) and the alignment experiments' judges (world/alignment_judges.py):
 what a prompt draws, counted by hand; alt-text's rate; the judges' losses against torch's own cross-entropy; their
-rebuild; and the folders loading through rewards.Alignment as a user's models do.
+rebuild; the folders loading through rewards.Alignment as a user's models do; and the shipped judges and
+tiny-activities model saying and drawing what they should on fresh pictures.
 
     python -m pytest -q tests/test_activities.py
 """
@@ -243,8 +244,8 @@ def test_alignment_count_reads_a_models_samples_with_the_classifier_it_is_given(
     monkeypatch.setattr(aj, "classifier_at", reading)
     tiny_world.count_alignment("world/tiny_model", tmp_path / "judges", n=4)
     lines = capsys.readouterr().out.splitlines()
-    assert set(folders) == {str(tmp_path / "judges" / "attributes")} and len(lines) == 2
-    for name, line in zip(("alignment", "alignment_unseen_activities"), lines):
+    assert set(folders) == {str(tmp_path / "judges" / "attributes")} and len(lines) == 3
+    for name, line in zip(("alignment", "alignment_unseen_activities", "alignment_unseen_animals"), lines):
         prompts = random.Random(1).choices(rewards.load_prompts(name), k=4)
         bike = np.mean([drawing.split_prompt(p)[1] == "riding a bike" for p in prompts])
         look = np.mean([drawing.subject_look(drawing.split_prompt(p)[0], None) == (0, 0) for p in prompts])
@@ -254,5 +255,101 @@ def test_alignment_count_reads_a_models_samples_with_the_classifier_it_is_given(
                                      "--samples", "2", "--guidance-scale", "1.5"])
     runpy.run_module("world.tiny_world", run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
-    assert folders[-1] == str(tmp_path / "other" / "attributes") and len(lines) == 2
+    assert folders[-1] == str(tmp_path / "other" / "attributes") and len(lines) == 3
     assert all("tiny_model, " in line and "w = 1.5:" in line and line.endswith("(of 2)") for line in lines), lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# The shipped judges (world/judges/vlm, bertscore, attributes) and model (tiny-activities), on fresh pictures
+# --------------------------------------------------------------------------------------------------------
+
+def drawn(prompt, seeds, show):
+    """Freshly drawn pictures of prompt (seeds the judges' training never used), the activity shown or not, [0, 1]."""
+    return torch.from_numpy(np.stack([drawing.scene(prompt, np.random.default_rng([999, s]), show) for s in seeds])) / 2 + 0.5
+
+
+@pytest.fixture(scope="module")
+def alignment():
+    """rewards.Alignment as `--vlm tiny --bertscore-model tiny` loads it (world.TINY_JUDGES)."""
+    return rewards.make_reward("alignment", "cpu", vlm="tiny", bertscore_model="tiny")
+
+
+def test_the_tiny_vlm_says_a_drawn_cat_rides_a_bike_only_where_the_bike_is_drawn(alignment):
+    """Eight fresh pictures of "a cat riding a bike" with the bike drawn, and the same eight without it (scene draws
+    the same random numbers either way): the VLM answers "a cat riding a bike" for the first and "a cat" for the
+    second, and the reward (BERTScore recall against "The image contains a cat riding a bike") is higher for each
+    picture with its bike than without. (Greedy decoding's smallest gap between the chosen token's logit and the
+    next, over every generated position of these pictures and the next test's, is 0.20; float32's rounding in
+    another CPU's kernels moves these logits by about 1e-4.)"""
+    images = torch.cat([drawn("a cat riding a bike", range(8), True), drawn("a cat riding a bike", range(8), False)])
+    scores, info = alignment(images, ["a cat riding a bike"] * 16)
+    assert info["answer"] == ["a cat riding a bike"] * 8 + ["a cat"] * 8
+    assert (scores[:8] > scores[8:]).all()
+
+
+def test_the_tiny_vlm_names_each_activity_and_animal_it_is_shown(alignment):
+    """One fresh picture of each training and unseen activity, for a cat and a dog (different looks): each answer is
+    the prompt itself."""
+    prompts = [aj.answer(animal, activity) for animal in ("cat", "dog") for activity in aj.ACTIVITIES]
+    images = torch.cat([drawn(p, [i], True) for i, p in enumerate(prompts)])
+    assert alignment(images, prompts)[1]["answer"] == prompts
+
+
+def test_the_tiny_bertscore_encoder_pays_most_for_the_right_animal_and_activity(alignment):
+    """Recall against "The image contains a cat riding a bike": the right answer beats the wrong animal, which beats
+    the right animal with the wrong activity or none: 0.621, 0.541, 0.423 and 0.457. (The second design's encoder
+    scored the wrong animal within 0.005 of the right one.)"""
+    answers = ["a cat riding a bike", "a dog riding a bike", "a cat playing chess", "a cat"]
+    recall = alignment.bertscore.recall(answers, ["The image contains a cat riding a bike"] * 4)
+    assert recall[0] > recall[1] > max(recall[2], recall[3])
+
+
+def test_the_independent_judge_reads_the_drawn_activity_and_subject():
+    """world/judges/attributes (the classifier that is not the reward) on fresh pictures of every training and unseen
+    activity, shown and not: it reads the activity where it is drawn and none where it is not, and the subject's
+    look in both. (Its smallest gap between the chosen logit and the next, in any group, is 3.8.)"""
+    prompts = [aj.answer(animal, activity) for animal in ("cat", "horse") for activity in aj.ACTIVITIES]
+    shown = torch.cat([drawn(p, [i], True) for i, p in enumerate(prompts)])
+    hidden = torch.cat([drawn(p, [i], False) for i, p in enumerate(prompts)])
+    assert aj.shows_activity(shown, prompts).tolist() == [1.0] * 12
+    assert aj.shows_activity(hidden, prompts).tolist() == [0.0] * 12
+    assert aj.shows_subject(torch.cat([shown, hidden]), prompts * 2).tolist() == [1.0] * 24
+
+
+def test_alignment_runs_on_the_tiny_activities_model_out_of_the_box(tmp_path):
+    """python ddpo.py @configs/tiny_alignment.txt, at tiny settings: the built-in model of the world with activities,
+    its tiny VLM and BERTScore encoder (no flag names them), full fine-tuning, w = 1; offline."""
+    import json
+    from pathlib import Path
+
+    import ddpo
+    from conftest import SHORT_RUN
+    from world import TINY_JUDGES, TINY_MODELS
+
+    config = Path(ddpo.__file__).parent / "configs" / "tiny_alignment.txt"
+    ddpo.main([f"@{config}", *SHORT_RUN, "--out-dir", str(tmp_path), "--run-name", "r"])
+    saved = json.loads((tmp_path / "r" / "args.json").read_text())
+    assert (saved["model"], saved["vlm"], saved["bertscore_model"], saved["lora_rank"], saved["guidance_scale"]) == \
+        ("tiny-activities", "tiny", "tiny", 0, 1.0)
+    assert TINY_MODELS["tiny-activities"].name == "tiny_activities_model" and TINY_JUDGES["vlm"].name == "vlm"
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < rows[-1]["eval/reward_mean"] <= 1
+
+
+def test_the_tiny_activities_model_draws_the_activity_its_prompt_names():
+    """The built-in model of the world with activities (--model tiny-activities), 16 samples each of "a cat riding a
+    bike" and "a dog playing chess" (noise seed 7): at the paper's w = 5 the independent judge reads the named
+    activity in most of them, and at w = 1 (where the conditional model shows it at about alt-text's half) in far
+    fewer. Here: 28 of 32 at w = 5 and 15 at w = 1; the plain world's model, which never drew a prop, 4 (the judge's
+    reading of its bottom rows). The bounds leave a quarter of the samples for other CPUs' rounding, which changes a
+    sample only where it sits on a boundary between drawing the prop and not."""
+    import ddpo
+
+    models = ddpo.load_models("tiny-activities", "cpu")
+    prompts = ["a cat riding a bike"] * 16 + ["a dog playing chess"] * 16
+    shown = {}
+    for w in (5.0, 1.0):
+        args = ddpo.parse_args(["--guidance-scale", str(w)])
+        _, images = ddpo.sample(models, prompts, args, ddpo.noise_generators(7, range(32)), 32)
+        shown[w] = aj.shows_activity(images, prompts).sum().item()
+    assert shown[5.0] >= 24 and shown[1.0] <= shown[5.0] - 8, shown

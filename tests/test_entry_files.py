@@ -10,6 +10,7 @@ import json
 import random
 import re
 import struct
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,31 @@ def caption_strip(text, cell=128, caption=14):
     strip = Image.new("RGB", (cell, caption), "white")
     ImageDraw.Draw(strip).text((2, 1), text, fill="black")
     return np.asarray(strip)
+
+
+def test_evaluate_captions_each_picture_with_the_vlms_answer_under_its_reward(tmp_path):
+    """A reward that answers, as alignment's VLM does (its extras' "answer"): each cell's caption is its reward, then
+    that picture's answer, wrapped at 21 characters over two more lines. The reward here knows which model drew the
+    pictures by counting its calls (evaluate.py imports it afresh and scores base's two sets, then the run's): 0.5
+    and "PROMPT, drawn by the base model" (two lines for every prompt) for base's, 0.25 and "... the run model" for
+    the run's."""
+    (tmp_path / "answering.py").write_text(
+        "import torch\n"
+        "CALLS = []\n"
+        "def reward(images, prompts):\n"
+        "    CALLS.append(1)\n"
+        "    who = 'base' if len(CALLS) <= 2 else 'run'\n"
+        "    return torch.full((len(prompts),), 0.5 if who == 'base' else 0.25), {'answer': [f'{p}, drawn by the {who} model' for p in prompts]}\n")
+    run = train(tmp_path, "run", "--reward", f"{tmp_path / 'answering.py'}:reward")
+    evaluate.main([str(run), "--seed", "3"])
+    prompts = random.Random(3).choices(rewards.load_prompts("simple_animals"), k=16)
+    _, strips = grid_tiles(run / "eval" / "train.png", 32, side=32, caption=42)
+    for i, strip in enumerate(strips):
+        who, v = ("base", 0.5) if i % 2 == 0 else ("run", 0.25)
+        lines = [f"{('base', 'tuned')[i % 2]} {v:.3g}", *textwrap.wrap(f"{prompts[i // 2]}, drawn by the {who} model", 21)]
+        assert len(lines) == 3
+        for k, line in enumerate(lines):
+            assert (strip[14 * k:14 * (k + 1)] == caption_strip(line)).all(), (i, k, line)
 
 
 @pytest.mark.parametrize("lora_rank", ["0", "4"])

@@ -96,11 +96,13 @@ def test_clipscore_prefers_the_matching_prompt():
 
 def test_the_judges_rebuild_is_exact(tmp_path):
     """judges.build from one seed twice (two CLIP steps, 64 rated pictures, three head steps): the same bytes in every
-    file, the shipped folder's files among them."""
+    file, and the files the shipped folder has (but for the alignment judges')."""
     for name in ("a", "b"):
         judges.build(0, tmp_path / name, clip_steps=2, ratings=64, head_steps=3)
     a = file_digests(tmp_path / "a")
-    assert file_digests(tmp_path / "b") == a and a.keys() == file_digests(TINY_JUDGES["clip_model"].parent).keys()
+    shipped = file_digests(TINY_JUDGES["clip_model"].parent).keys()  # with alignment_judges' three folders beside them
+    assert file_digests(tmp_path / "b") == a and a.keys() == {k for k in shipped if k.split("/")[0] not in
+                                                               ("vlm", "bertscore", "attributes")}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -108,13 +110,14 @@ def test_the_judges_rebuild_is_exact(tmp_path):
 # --------------------------------------------------------------------------------------------------------
 
 def test_the_tiny_models_default_to_the_tiny_judges_and_a_typed_flag_wins(tmp_path):
-    for model in ("tiny", "tiny-flow"):
+    for model in ("tiny", "tiny-flow", "tiny-activities"):
         args = ddpo.parse_args(["--model", model, "--reward", "aesthetic"])
-        judged = ("clip_model", "aesthetic_head", "pickscore_model", "pickscore_processor")  # PickScore is a CLIP
+        judged = ("clip_model", "aesthetic_head", "pickscore_model", "pickscore_processor",  # PickScore is a CLIP
+                  "vlm", "bertscore_model")  # alignment's two, trained on the world with activities
         assert {k: getattr(args, k) for k in judged} == dict.fromkeys(judged, "tiny") and TINY_JUDGES.keys() == set(judged)
-    args = ddpo.parse_args(["--reward", "aesthetic", "--clip-model", "my/clip", "--pickscore-processor", "p"])
-    assert (args.clip_model, args.aesthetic_head, args.pickscore_processor) == ("my/clip", "tiny", "p")
-    assert args.vlm == rewards.MODEL_OPTIONS["vlm"][0]  # no tiny judge for it
+    args = ddpo.parse_args(["--reward", "aesthetic", "--clip-model", "my/clip", "--pickscore-processor", "p", "--vlm", "v"])
+    assert (args.clip_model, args.aesthetic_head, args.pickscore_processor, args.vlm) == ("my/clip", "tiny", "p", "v")
+    assert args.imagereward_model == rewards.MODEL_OPTIONS["imagereward_model"][0]  # no tiny judge for it
     hub = ddpo.parse_args(["--model", "CompVis/stable-diffusion-v1-4", "--reward", "aesthetic"])
     assert hub.clip_model == rewards.MODEL_OPTIONS["clip_model"][0]
 
@@ -131,8 +134,8 @@ def test_tiny_names_the_world_judges_and_a_reward_without_one_is_one_line(aesthe
     state = torch.load(TINY_JUDGES["aesthetic_head"], weights_only=True)
     assert all(torch.equal(v, state[f"layers.{k}"]) for k, v in aesthetic.head.state_dict().items())
     assert aesthetic.clip.config.projection_dim == 768 and aesthetic.clip.config.vision_config.image_size == 32
-    with pytest.raises(rewards.RewardLoadError, match="no tiny judge for --vlm"):
-        rewards.make_reward("alignment", "cpu", vlm="tiny", bertscore_model="tiny")
+    with pytest.raises(rewards.RewardLoadError, match="no tiny judge for --imagereward-model"):
+        rewards.make_reward("imagereward", "cpu", imagereward_model="tiny")
 
 
 def test_aesthetic_runs_on_the_tiny_model_out_of_the_box(tmp_path):

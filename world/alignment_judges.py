@@ -13,8 +13,10 @@
     own, from its own seed and pictures) that reads a picture's palette, shape and activity. shows_activity and
     shows_subject are its read-outs as reward functions: evaluate.py --judge world.alignment_judges:shows_activity.
 
-    python -m world.tiny_world --alignment-judges --seed 0 --model MODEL --out FOLDER   # the three, into FOLDER
-    python -m world.tiny_world --alignment-judges-check --model MODEL --out FOLDER      # how right they are
+The three ship in world/judges/ (vlm, bertscore, attributes), built on the VAE of the built-in tiny-activities model;
+`--vlm tiny --bertscore-model tiny` name the first two, and the tiny models default to them:
+    python -m world.tiny_world --alignment-judges --seed 0      # the three, into world/judges (or --out FOLDER)
+    python -m world.tiny_world --alignment-judges-check         # how right they are (--model M --out FOLDER: others)
 """
 import functools
 

@@ -83,7 +83,7 @@ def draw(prompt, rng, strength=None, radius=None, with_attributes=False):
 # --------------------------------------------------------------------------------------------------------
 # The built-in models in world/tiny_model/ and world/tiny_flow_model/ were trained on `draw` above, where a prompt's
 # last word picks the shape and no picture shows an activity. `scene` is the world that the alignment experiments
-# need; python -m world.tiny_world --world activities builds a model on it.
+# need; world/tiny_activities_model/ (--model tiny-activities) learned it (python -m world.tiny_world --world activities).
 
 SCENE_PALETTES = [(bg, fg) for fg in ((0.92, 0.22, 0.12), (0.95, 0.88, 0.20), (0.95, 0.95, 0.95), (0.30, 0.85, 0.90))
                   for bg in ((0.12, 0.18, 0.45), (0.12, 0.38, 0.18), (0.12, 0.12, 0.12), (0.40, 0.12, 0.38))]

@@ -14,7 +14,7 @@ same classes are small and trained on the toy world's pictures, whose generator 
     not the reward: `python evaluate.py RUN --judge world.judges:taste` reports it beside the learned reward.
 
 With the tiny models, --clip-model, --aesthetic-head, --pickscore-model and --pickscore-processor default to 'tiny'
-(these folders); a flag naming another model wins. Rebuild (the same seed on one machine gives the same files):
+(these folders; --vlm and --bertscore-model too, to world/alignment_judges.py's); a flag naming another model wins. Rebuild (the same seed on one machine gives the same files):
 
     python -m world.tiny_world --judges --seed 0    # CLIP, then the ratings and the head
     python -m world.tiny_world --judges-check       # how right they are, on freshly drawn pictures

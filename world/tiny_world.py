@@ -31,12 +31,13 @@ The tiny judges (world/judges/: a CLIP and LAION's aesthetic head, trained on th
     python -m world.tiny_world --judges --seed 0    # the CLIP, then the rated pictures and the head: 20 min
     python -m world.tiny_world --judges-check       # how right they are, on freshly drawn pictures: under a minute
 The world with activities (world.drawing.scene: "a cat riding a bike" shows the bike in 50% of pictures, as alt-text
-names more than its picture shows) and the alignment experiments' judges on it (world/alignment_judges.py). The
-built-in models above learned the plain world; these commands build a model and its judges on the new one:
-    python -m world.tiny_world --world activities --seed 0 --out FOLDER/model
-    python -m world.tiny_world --alignment-judges --seed 0 --model FOLDER/model --out FOLDER/judges
-    python -m world.tiny_world --alignment-judges-check --model FOLDER/model --out FOLDER/judges
-    python -m world.tiny_world --alignment-count --model MODEL_OR_RUN --out FOLDER/judges   # what it draws, counted
+names more than its picture shows), the third built-in model on it (world/tiny_activities_model/, --model
+tiny-activities) and the alignment experiments' judges (world/judges/vlm, bertscore, attributes;
+world/alignment_judges.py), half of whose pictures go through that model's VAE:
+    python -m world.tiny_world --world activities --seed 0    # into world/tiny_activities_model: 27 min
+    python -m world.tiny_world --alignment-judges --seed 0    # into world/judges: 15 min
+    python -m world.tiny_world --alignment-judges-check       # how right they are, on fresh pictures: about a minute
+    python -m world.tiny_world --alignment-count --model MODEL_OR_RUN --guidance-scale W   # what it draws, counted
 """
 import argparse
 from pathlib import Path
@@ -53,10 +54,15 @@ from world.drawing import SIZE, TILE, draw, scene
 WORLDS = {"plain": draw, "activities": scene}  # what the built-in models learn: draw (theirs today) or scene
 
 
+PRETRAINING_SETS = ("alignment", "alignment_unseen_activities")  # rewards.PROMPT_SETS when the models were built
+
+
 def all_prompts():
     """Every prompt the project ships (the held-out sets too: pretraining is the 'internet-scale' stage;
-    generalisation is about the RL fine-tuning, which never sees them)."""
-    names = [p.stem for p in sorted(rewards.PROMPTS.glob("*.txt"))] + sorted(rewards.PROMPT_SETS)
+    generalisation is about the RL fine-tuning, which never sees them): the files in prompts/ and the sets built
+    from them that existed when the built-in models were built (PRETRAINING_SETS; alignment_unseen_animals came
+    after, and would change their captions and so their rebuild)."""
+    names = [p.stem for p in sorted(rewards.PROMPTS.glob("*.txt"))] + list(PRETRAINING_SETS)
     return sorted({p for name in names for p in rewards.load_prompts(name)})
 
 
@@ -448,9 +454,10 @@ def ddpm_loss_gap(n=64, seed=0, model="tiny", draws=8):
 
 def count_alignment(model, judges, n=128, guidance_scale=5.0):
     """What a model (or a run) draws for the alignment prompts, counted by the independent judge (judges/attributes,
-    world/alignment_judges.py): of n samples of the training prompts, then n of the unseen activities (prompts drawn
-    by random.Random(1), noise seed 7, so the two sets share their animals and noises), the share that shows the
-    prompt's activity, the share whose subject has its palette and shape, and the share that shows any prop."""
+    world/alignment_judges.py): of n samples of the training prompts, then n of the unseen activities, then n of the
+    unseen animals (paper §6.3; prompts drawn by random.Random(1), noise seed 7, so the first two sets share their
+    animals and all three their noises), the share that shows the prompt's activity, the share whose subject has its
+    palette and shape, and the share that shows any prop."""
     import random
 
     from world import alignment_judges as aj
@@ -458,7 +465,7 @@ def count_alignment(model, judges, n=128, guidance_scale=5.0):
     models = ddpo.load_models(model, "cpu")
     args = ddpo.parse_args(["--guidance-scale", str(guidance_scale)])
     classifier = str(Path(judges) / "attributes")
-    for name in ("alignment", "alignment_unseen_activities"):
+    for name in ("alignment", "alignment_unseen_activities", "alignment_unseen_animals"):
         prompts = random.Random(1).choices(rewards.load_prompts(name), k=n)
         _, images = ddpo.sample(models, prompts, args, ddpo.noise_generators(7, range(n)), 64)
         shown, subject = aj.shows_activity(images, prompts, classifier), aj.shows_subject(images, prompts, classifier)
@@ -471,7 +478,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Pretrain the tiny built-in model on the toy world (VAE, then UNet).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (StableDiffusionPipeline.save_pretrained); default: world/tiny_model, "
-                   "with --flow world/tiny_flow_model")
+                   "with --flow world/tiny_flow_model, with --world activities world/tiny_activities_model; with the "
+                   "judges' commands, the judges' folder, world/judges")
     p.add_argument("--vae-steps", type=int, default=1500, help="stage 1: VAE optimizer steps of batch 64")
     p.add_argument("--unet-steps", type=int, default=4000, help="stage 2: UNet optimizer steps of batch 64")
     p.add_argument("--flow", action="store_true", help="build the tiny flow model instead (stage 2 only, on "
@@ -498,9 +506,12 @@ if __name__ == "__main__":
     p.add_argument("--guidance-scale", type=float, default=5.0, help="with --alignment-count: w")
     p.add_argument("--world", choices=sorted(WORLDS), default="plain", help="the world the model learns: 'plain' "
                    "(the built-in models', drawing.draw) or 'activities' (drawing.scene: an animal and its activity)")
-    p.add_argument("--model", default="tiny", help="with --reward-range or --ddpm-loss: the model (or a run folder); with --alignment-judges(-check): the model whose VAE draws half their pictures; with --alignment-count: the "
-                   "model or run counted")
+    p.add_argument("--model", help="with --reward-range or --ddpm-loss: the model (or a run folder; default tiny); with "
+                   "--alignment-judges(-check): the model whose VAE draws half their pictures; with --alignment-count: "
+                   "the model or run counted (both default tiny-activities)")
     a = p.parse_args()
+    aligning = a.alignment_judges or a.alignment_judges_check or a.alignment_count
+    a.model = a.model or ("tiny-activities" if aligning else "tiny")
     if a.reward_range:
         reward_range(seed=a.seed, model=a.model)
     elif a.judges or a.judges_check:
@@ -521,4 +532,5 @@ if __name__ == "__main__":
     elif a.flow:
         build_flow(a.seed, a.out or ddpo.TINY_MODELS["tiny-flow"], a.flow_steps)
     else:
-        build(a.seed, a.out or ddpo.TINY_MODELS["tiny"], a.vae_steps, a.unet_steps, a.world)
+        built_in = "tiny-activities" if a.world == "activities" else "tiny"
+        build(a.seed, a.out or ddpo.TINY_MODELS[built_in], a.vae_steps, a.unet_steps, a.world)
