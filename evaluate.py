@@ -5,8 +5,9 @@
 
 Both models sample the same 16 prompts of each set with the same noise (a stream of its own, never a training
 sample's), in the run's precision unless --mixed-precision is given. Writes RUN/eval/train.png and heldout.png
-(base | fine-tuned side by side, each captioned with its reward, and with the VLM's answer under it for the
-alignment reward, as the paper's Fig. 5-6) and RUN/eval/eval.json (the mean rewards).
+(base | fine-tuned side by side, each captioned with its reward, and under it the reward's "answer" where its
+extras have one, as alignment's VLM answers: the paper's Fig. 5-6; two lines of 21 characters, so a long answer is
+cut) and RUN/eval/eval.json (the mean rewards).
 --judge scores the same pictures with a second reward that is not the run's (captioned "reward / judge"), to see
 whether what the reward rose for is what was wanted; with the toy world's rater, or its attribute classifier:
     python evaluate.py runs/NAME --judge world.judges:taste

@@ -362,8 +362,10 @@ MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by def
     "clip_model": ("openai/clip-vit-large-patch14", "CLIP for aesthetic and clipscore"),
     "aesthetic_head": ("trl-lib/ddpo-aesthetic-predictor", "LAION aesthetic MLP: hub repo holding "
                        "aesthetic-model.pth, or a local .pth file"),
-    "vlm": ("llava-hf/llava-1.5-7b-hf", "image-to-text model that describes images for alignment"),
-    "bertscore_model": ("microsoft/deberta-xlarge-mnli", "text encoder of alignment's BERTScore"),
+    "vlm": ("llava-hf/llava-1.5-7b-hf", "image-to-text model that describes images for alignment (the tiny one "
+            "learned the pictures of --model tiny-activities)"),
+    "bertscore_model": ("microsoft/deberta-xlarge-mnli", "text encoder of alignment's BERTScore (the tiny one learned "
+                        "the sentences of tiny-activities' world)"),
     "pickscore_model": ("yuvalkirstain/PickScore_v1", "PickScore CLIP model"),
     "pickscore_processor": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's processor"),
     "imagereward_model": ("THUDM/ImageReward", "ImageReward: hub repo or folder holding ImageReward.pt and med_config.json"),

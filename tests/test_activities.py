@@ -257,6 +257,10 @@ def test_alignment_count_reads_a_models_samples_with_the_classifier_it_is_given(
     lines = capsys.readouterr().out.splitlines()
     assert folders[-1] == str(tmp_path / "other" / "attributes") and len(lines) == 3
     assert all("tiny_model, " in line and "w = 1.5:" in line and line.endswith("(of 2)") for line in lines), lines
+    monkeypatch.setattr("sys.argv", ["tiny_world", "--alignment-count", "--out", str(tmp_path / "other"), "--samples", "1"])
+    runpy.run_module("world.tiny_world", run_name="__main__")  # without --model: the built-in model of this world
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all("tiny_activities_model, " in line and "w = 5:" in line for line in lines), lines
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -296,12 +300,14 @@ def test_the_tiny_vlm_names_each_activity_and_animal_it_is_shown(alignment):
 
 
 def test_the_tiny_bertscore_encoder_pays_most_for_the_right_animal_and_activity(alignment):
-    """Recall against "The image contains a cat riding a bike": the right answer beats the wrong animal, which beats
-    the right animal with the wrong activity or none: 0.621, 0.541, 0.423 and 0.457. (The second design's encoder
-    scored the wrong animal within 0.005 of the right one.)"""
+    """Recall against "The image contains a cat riding a bike": the right answer beats the wrong animal by more than
+    0.05, which beats the right animal with the wrong activity or none. Measured: 0.621, 0.541, 0.423 and 0.457. Word
+    overlap alone orders these four (5, 4, 3 and 3 of the reference's words), so the order is not enough: four random
+    encoders of this shape and tokenizer put the wrong animal −0.011 to +0.034 below the right one, and the second
+    design's trained encoder (BERT's 15% of words as targets) 0.005. Rounding moves recall by about 1e-6."""
     answers = ["a cat riding a bike", "a dog riding a bike", "a cat playing chess", "a cat"]
     recall = alignment.bertscore.recall(answers, ["The image contains a cat riding a bike"] * 4)
-    assert recall[0] > recall[1] > max(recall[2], recall[3])
+    assert recall[0] - recall[1] > 0.05 and recall[1] > max(recall[2], recall[3]), recall
 
 
 def test_the_independent_judge_reads_the_drawn_activity_and_subject():
@@ -341,8 +347,8 @@ def test_the_tiny_activities_model_draws_the_activity_its_prompt_names():
     bike" and "a dog playing chess" (noise seed 7): at the paper's w = 5 the independent judge reads the named
     activity in most of them, and at w = 1 (where the conditional model shows it at about alt-text's half) in far
     fewer. Here: 28 of 32 at w = 5 and 15 at w = 1; the plain world's model, which never drew a prop, 4 (the judge's
-    reading of its bottom rows). The bounds leave a quarter of the samples for other CPUs' rounding, which changes a
-    sample only where it sits on a boundary between drawing the prop and not."""
+    reading of its bottom rows). The bounds leave 4 samples at w = 5 and 5 in the gap for other CPUs' rounding,
+    which changes a sample only where it sits on a boundary between drawing the prop and not."""
     import ddpo
 
     models = ddpo.load_models("tiny-activities", "cpu")

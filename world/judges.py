@@ -14,11 +14,14 @@ same classes are small and trained on the toy world's pictures, whose generator 
     not the reward: `python evaluate.py RUN --judge world.judges:taste` reports it beside the learned reward.
 
 With the tiny models, --clip-model, --aesthetic-head, --pickscore-model and --pickscore-processor default to 'tiny'
-(these folders; --vlm and --bertscore-model too, to world/alignment_judges.py's); a flag naming another model wins. Rebuild (the same seed on one machine gives the same files):
+(these folders; --vlm and --bertscore-model to world/alignment_judges.py's, which learned the world with activities);
+a flag naming another model wins. Rebuild (the same seed on one machine gives the same files):
 
     python -m world.tiny_world --judges --seed 0    # CLIP, then the ratings and the head
     python -m world.tiny_world --judges-check       # how right they are, on freshly drawn pictures
 """
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -173,7 +176,8 @@ def train_head(embeddings, ratings, steps, batch_size=256, lr=1e-3):
 
 
 def build(seed, out=TINY_JUDGES["clip_model"].parent, clip_steps=3000, ratings=8192, head_steps=4000):
-    """The CLIP, then the ratings and the head, written to out/ whole (out.tmp renamed into place)."""
+    """The CLIP, then the ratings and the head: out/clip/ written whole (clip.tmp renamed into place), then
+    out/aesthetic-model.pth. The alignment judges beside them in out/ (world/alignment_judges.py) stay."""
     from diffusers import AutoencoderKL
     from transformers import CLIPImageProcessor, CLIPProcessor
 
@@ -193,11 +197,12 @@ def build(seed, out=TINY_JUDGES["clip_model"].parent, clip_steps=3000, ratings=8
     images, chosen, _ = judged_pictures(prompts, rng, ratings, vae)
     rated = taste(images, chosen) + RATING_NOISE * torch.from_numpy(rng.standard_normal(ratings)).float()
     head = train_head(embed(clip, processor, images), rated, head_steps)
-    with files.atomic_folder(out) as tmp:
-        clip.save_pretrained(tmp / "clip")
-        processor.save_pretrained(tmp / "clip")
+    with files.atomic_folder(Path(out) / "clip") as tmp:
+        clip.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    with files.atomic_file(Path(out) / "aesthetic-model.pth") as tmp:
         # LAION's file keeps the Sequential as .layers (rewards.Aesthetic strips the prefix)
-        torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp / "aesthetic-model.pth")
+        torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp)
     print(f"saved {out}")
 
 

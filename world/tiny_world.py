@@ -500,8 +500,8 @@ if __name__ == "__main__":
                    "are on freshly drawn pictures, and exit")
     p.add_argument("--alignment-count", action="store_true", help="print what --model (a model or a run) draws for "
                    "the alignment prompts, counted by the attribute classifier in --out: the share of --samples that "
-                   "show the prompt's activity, their subject, some prop; for the training prompts and the unseen "
-                   "activities, at --guidance-scale; and exit")
+                   "show the prompt's activity, their subject, some prop; for the training prompts, the unseen "
+                   "activities and the unseen animals, at --guidance-scale; and exit")
     p.add_argument("--samples", type=int, default=128, help="with --alignment-count: samples of each prompt set")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="with --alignment-count: w")
     p.add_argument("--world", choices=sorted(WORLDS), default="plain", help="the world the model learns: 'plain' "
