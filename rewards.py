@@ -456,10 +456,15 @@ def read_prompt_file(path):
     return prompts
 
 
+def with_article(subject):
+    """'a cat', 'an owl': the article the alignment prompts (and the tiny VLM's answers) put before a subject."""
+    return f"{'an' if subject[0] in 'aeiou' else 'a'} {subject}"
+
+
 def alignment_prompts(activities_file, animals_file=PROMPTS / "simple_animals.txt"):
     """Paper §5.3: "a(n) [animal] [activity]" from a file of animals (the 45 simple animals) and one of activities."""
     animals = read_prompt_file(animals_file)
-    return [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in animals for act in read_prompt_file(activities_file)]
+    return [f"{with_article(a)} {act}" for a in animals for act in read_prompt_file(activities_file)]
 
 
 PROMPT_SETS = {  # sets built from two files; every prompts/<name>.txt is a set too

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rewards import with_article
 from world import JUDGES
 from world.drawing import ACTIVITIES, ANIMALS, SCENE_PALETTES, SCENE_SHAPES, scene, split_prompt, subject_look
 from world.judges import half_through, train
@@ -32,10 +33,6 @@ LABELS = ([f"palette {i}" for i in range(len(SCENE_PALETTES))] + [f"shape {s}" f
           + ["activity none"] + [f"activity {a}" for a in ACTIVITIES])  # the classifier's three groups of logits
 P, S = len(SCENE_PALETTES), len(SCENE_SHAPES)
 GROUPS = (slice(0, P), slice(P, P + S), slice(P + S, len(LABELS)))
-
-
-def with_article(subject):
-    return f"{'an' if subject[0] in 'aeiou' else 'a'} {subject}"
 
 
 def answer(subject, activity):
