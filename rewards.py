@@ -491,8 +491,9 @@ def load_prompts(spec):
 # --------------------------------------------------------------------------------------------------------
 
 def compute_rewards(reward_fn, name, images, prompts):
-    """r(x_0, c) and per-sample extras; stops the run on an exception, a wrong shape or a non-finite value,
-    naming the sample (a batch that raises is retried one sample at a time to find it)."""
+    """r(x_0, c) and per-sample extras (a dict of sequences, one value a sample); stops the run on an exception, a
+    wrong shape, extras that are not one a sample, or a non-finite value, naming the sample (a batch that raises is
+    retried one sample at a time to find it)."""
     try:
         out = reward_fn(images, prompts)
     except Exception as e:
@@ -500,7 +501,13 @@ def compute_rewards(reward_fn, name, images, prompts):
         culprit = next((i for i in range(len(prompts)) if raises(reward_fn, images[i:i + 1], prompts[i:i + 1])), None)
         which = f"sample {culprit} (prompt {prompts[culprit]!r})" if culprit is not None else f"a batch of {len(prompts)}"
         raise RunError(f"reward {name!r} raised {why(e)} on {which}") from e
+    if isinstance(out, tuple) and (len(out) != 2 or not isinstance(out[1], dict)):
+        raise RunError(f"reward {name!r} returned a tuple that is not (rewards, a dict of per-sample extras)")
     r, extras = out if isinstance(out, tuple) else (out, {})
+    for k, v in extras.items():  # one per sample: the grids caption sample i with v[i]
+        if not hasattr(v, "__len__") or len(v) != len(prompts):
+            count = f"{len(v)} values" if hasattr(v, "__len__") else f"a {type(v).__name__}"
+            raise RunError(f"reward {name!r} returned extras {k!r} of {count} for {len(prompts)} samples")
     if isinstance(r, torch.Tensor):  # a score, not a loss: DDPO's gradient never flows through the reward (§4)
         r = r.detach()
     try:

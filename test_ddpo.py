@@ -1445,6 +1445,12 @@ def words(images, prompts):
 def none_at_all(images, prompts):
     return None
 
+def extras_not_a_dict(images, prompts):
+    return images.mean(dim=(1, 2, 3)), ["bright"] * len(images)
+
+def extras_one_short(images, prompts):
+    return images.mean(dim=(1, 2, 3)), {"why": ["bright"] * (len(images) - 1)}
+
 _scale = torch.ones(1, requires_grad=True)
 
 def with_grad(images, prompts):  # a reward computed by a module with trainable parameters, not detached
@@ -1492,6 +1498,8 @@ def test_a_reward_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch, mai
     ("words", "returned list that is not numbers (ValueError: too many dimensions 'str'): it must return 8 numbers"),
     ("none_at_all", "returned NoneType that is not numbers (TypeError: must be real number, not NoneType): it must "
                     "return 8 numbers"),
+    ("extras_not_a_dict", "returned a tuple that is not (rewards, a dict of per-sample extras)"),
+    ("extras_one_short", "returned extras 'why' of 7 values for 8 samples"),
 ])
 def test_a_reward_whose_output_is_not_numbers_of_its_shape_is_one_line(tmp_path, monkeypatch, main_error, name, message):
     (tmp_path / "my_rewards.py").write_text(BRIGHTNESS)
