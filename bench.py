@@ -208,8 +208,8 @@ def bench_processes(counts, opts):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,tiny-sd,tiny-flow,tiny-sd3",
-                   help="comma-separated: tiny, tiny-flow, tiny-sd, sd14, tiny-sd3, sd35m, or a diffusers folder (e.g. one "
-                        "sd14 was saved to)")
+                   help="comma-separated: tiny, tiny-flow, tiny-activities (tiny's shapes, so tiny's figures), tiny-sd, "
+                        "sd14, tiny-sd3, sd35m, or a diffusers folder (e.g. one sd14 was saved to)")
     p.add_argument("--save-to", help="build tiny-sd / sd14 in this folder and keep it (to measure it in a fresh process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
