@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from plumbing.files import RunError, fail, why
-from world import TINY_JUDGES
+from world import JUDGE_OPTIONS, TINY_JUDGES
 
 
 def to_pil(images):
@@ -357,8 +357,8 @@ HELDOUT_PROMPTS = {  # the paper's generalisation checks: prompts the fine-tunin
     "imagereward": "unseen_animals",
 }
 
-MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by default, or a local folder; 'tiny' names
-    # the toy world's judge (world.TINY_JUDGES) where there is one
+MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by default, or a local folder; 'tiny' and
+    # 'tiny-activities' name the toy world's judges (world.TINY_JUDGES) where there are some
     "clip_model": ("openai/clip-vit-large-patch14", "CLIP for aesthetic and clipscore"),
     "aesthetic_head": ("trl-lib/ddpo-aesthetic-predictor", "LAION aesthetic MLP: hub repo holding "
                        "aesthetic-model.pth, or a local .pth file"),
@@ -375,9 +375,12 @@ MODEL_OPTIONS = {  # the model of each learned reward: a --flag, a hub id by def
 
 def model_option(name):
     """ddpo.Args' default and --help of a model option: its hub id, or '' (unset) where the toy world has a judge,
-    which the command line's completion fills in: 'tiny' with the tiny models, the hub id otherwise."""
+    which the command line's completion fills in: the tiny model's own judges, the hub id otherwise."""
     default, help = MODEL_OPTIONS[name]
-    return ("", f"{help}; default: 'tiny' with the tiny models, else {default}") if name in TINY_JUDGES else (default, help)
+    if name not in JUDGE_OPTIONS:
+        return default, help
+    return "", (f"{help}; default: the tiny model's own judge ('tiny', or 'tiny-activities' with --model "
+                f"tiny-activities), else {default}")
 
 
 def import_reward(spec):
@@ -422,12 +425,12 @@ def make_reward(name, device, **options):
         wanted = getattr(reward, "OPTIONS", ())
         defaults = {k: MODEL_OPTIONS[k][0] for k in wanted if k in MODEL_OPTIONS}
         chosen = {**defaults, **{k: v for k, v in options.items() if k in wanted and v}}  # '': unset
-        for k, v in chosen.items():  # 'tiny': the judge trained on the toy world (world/judges.py)
-            if v == "tiny":
-                if k not in TINY_JUDGES:
+        for k, v in chosen.items():  # 'tiny', 'tiny-activities': the judges trained on the toy world
+            if v in TINY_JUDGES:
+                if k not in TINY_JUDGES[v]:
                     raise RewardLoadError(f"the toy world has no tiny judge for --{k.replace('_', '-')}; name a "
                                           f"model or a local folder")
-                chosen[k] = str(TINY_JUDGES[k])
+                chosen[k] = str(TINY_JUDGES[v][k])
         return reward(device, **chosen)
     return reward
 

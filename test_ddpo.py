@@ -27,7 +27,7 @@ import export
 from plumbing import files
 from plumbing import model_checks
 import rewards
-from world import TINY_JUDGES, drawing, tiny_world
+from world import JUDGE_OPTIONS, drawing, tiny_world
 
 HERE = Path(__file__).resolve().parent
 
@@ -308,7 +308,7 @@ def test_each_reward_model_flag_reaches_the_reward(flag, monkeypatch):
     args = ddpo.parse_args(["--reward", "aesthetic", flag, "/my/own/" + option])
     ddpo.load_reward(args)
     assert seen[option] == "/my/own/" + option
-    assert all(v == ("tiny" if k in TINY_JUDGES else rewards.MODEL_OPTIONS[k][0]) for k, v in seen.items() if k != option)
+    assert all(v == ("tiny" if k in JUDGE_OPTIONS else rewards.MODEL_OPTIONS[k][0]) for k, v in seen.items() if k != option)
 
 
 def test_the_trained_timesteps_and_minibatches_are_the_ones_the_flags_select(random_model_dir, monkeypatch):

@@ -17,7 +17,7 @@ import torch
 import rewards
 from plumbing.checkpoints import is_run
 from plumbing.files import fail, first_line, why
-from world import TINY_JUDGES, TINY_MODELS
+from world import JUDGE_OPTIONS, MODEL_JUDGES, TINY_MODELS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -175,9 +175,9 @@ def complete(args, round_plan, typed=frozenset(), error=fail):
         args.lora_rank, base = run.lora_rank, run.model
     elif args.lora_rank is None:
         args.lora_rank = 0 if args.model in TINY_MODELS else 4
-    for name in TINY_JUDGES:  # '' (unset): the toy world's judge with the tiny models, the hub's model otherwise
+    for name in JUDGE_OPTIONS:  # '' (unset): a tiny model's own judges (its world's), the hub's model otherwise
         if not getattr(args, name):
-            setattr(args, name, "tiny" if base in TINY_MODELS else rewards.MODEL_OPTIONS[name][0])
+            setattr(args, name, MODEL_JUDGES[base] if base in TINY_MODELS else rewards.MODEL_OPTIONS[name][0])
     reward = "".join(c if c.isalnum() or c in "._-" else "-" for c in args.reward)  # module:fn, path/file.py:fn
     args.run_name = args.run_name or f"{reward}__{args.algo}__{args.seed}__{int(time.time())}"
     return args

@@ -12,7 +12,7 @@ import torch
 import ddpo
 from conftest import SHORT_RUN, file_digests
 import rewards
-from world import TINY_JUDGES, drawing, judges
+from world import JUDGES, TINY_JUDGES, TINY_MODELS, drawing, judges
 
 CAT_BG, CAT_FG = (torch.tensor(c) for c in drawing.PALETTES[drawing.prompt_attributes("a cat", None)[0]])
 
@@ -94,17 +94,28 @@ def test_clipscore_prefers_the_matching_prompt():
         assert scores[0] > scores[1:].max(), (p, others, scores)
 
 
-def test_the_judges_rebuild_is_exact(tmp_path):
+@pytest.mark.parametrize("world", ["plain", "activities"])
+def test_the_judges_rebuild_is_exact(tmp_path, world, monkeypatch):
     """judges.build from one seed twice (two CLIP steps, 64 rated pictures, three head steps): the same bytes in every
-    file, and the files the shipped folder has (but for the alignment judges', which a rebuild leaves in place)."""
+    file, and the files the shipped folder has (world/judges for the plain world, but for the judges that a rebuild
+    leaves in place: alignment_judges' and the other world's; world/judges/activities for the world with
+    activities). Half their pictures go through the VAE of the world's own model."""
+    from diffusers import AutoencoderKL
+
+    loaded, load = [], AutoencoderKL.from_pretrained
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", lambda *a, **k: loaded.append(a[0]) or load(*a, **k))
     (tmp_path / "b" / "vlm").mkdir(parents=True)  # the alignment judges share the folder, and stay
     (tmp_path / "b" / "vlm" / "config.json").write_text("{}")
     for name in ("a", "b"):
-        judges.build(0, tmp_path / name, clip_steps=2, ratings=64, head_steps=3)
+        judges.build(0, tmp_path / name, clip_steps=2, ratings=64, head_steps=3, world=world)
+    assert loaded == [TINY_MODELS["tiny-activities" if world == "activities" else "tiny"]] * 2
     a = file_digests(tmp_path / "a")
-    shipped = file_digests(TINY_JUDGES["clip_model"].parent).keys()  # with alignment_judges' three folders beside them
     assert file_digests(tmp_path / "b") == {**a, "vlm/config.json": file_digests(tmp_path / "b")["vlm/config.json"]}
-    assert a.keys() == {k for k in shipped if k.split("/")[0] not in ("vlm", "bertscore", "attributes")}
+    if world == "plain":
+        shipped = {k for k in file_digests(JUDGES) if k.split("/")[0] not in ("vlm", "bertscore", "attributes", "activities")}
+    else:
+        shipped = file_digests(JUDGES / "activities").keys()
+    assert a.keys() == shipped
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -112,11 +123,18 @@ def test_the_judges_rebuild_is_exact(tmp_path):
 # --------------------------------------------------------------------------------------------------------
 
 def test_the_tiny_models_default_to_the_tiny_judges_and_a_typed_flag_wins(tmp_path):
-    for model in ("tiny", "tiny-flow", "tiny-activities"):
+    """Each tiny model defaults to its own world's judges: tiny and tiny-flow to 'tiny', tiny-activities to
+    'tiny-activities', whose CLIP and aesthetic head learned its world (their VLM and BERTScore encoder are one)."""
+    judged = ("clip_model", "aesthetic_head", "pickscore_model", "pickscore_processor",  # PickScore is a CLIP
+              "vlm", "bertscore_model")  # alignment's two, trained on the world with activities
+    for model, world in (("tiny", "tiny"), ("tiny-flow", "tiny"), ("tiny-activities", "tiny-activities")):
         args = ddpo.parse_args(["--model", model, "--reward", "aesthetic"])
-        judged = ("clip_model", "aesthetic_head", "pickscore_model", "pickscore_processor",  # PickScore is a CLIP
-                  "vlm", "bertscore_model")  # alignment's two, trained on the world with activities
-        assert {k: getattr(args, k) for k in judged} == dict.fromkeys(judged, "tiny") and TINY_JUDGES.keys() == set(judged)
+        assert {k: getattr(args, k) for k in judged} == dict.fromkeys(judged, world)
+        assert TINY_JUDGES[world].keys() == set(judged)
+    plain, activities = TINY_JUDGES["tiny"], TINY_JUDGES["tiny-activities"]
+    assert all(activities[k].parent == JUDGES / "activities" for k in judged[:4])
+    assert all(plain[k].parent == JUDGES for k in judged) and activities["vlm"] == plain["vlm"]
+    assert activities["bertscore_model"] == plain["bertscore_model"]
     args = ddpo.parse_args(["--reward", "aesthetic", "--clip-model", "my/clip", "--pickscore-processor", "p", "--vlm", "v"])
     assert (args.clip_model, args.aesthetic_head, args.pickscore_processor, args.vlm) == ("my/clip", "tiny", "p", "v")
     assert args.imagereward_model == rewards.MODEL_OPTIONS["imagereward_model"][0]  # no tiny judge for it
@@ -133,7 +151,7 @@ def test_a_run_continuing_a_tiny_run_uses_the_tiny_judges_and_a_resumed_run_keep
 
 
 def test_tiny_names_the_world_judges_and_a_reward_without_one_is_one_line(aesthetic):
-    state = torch.load(TINY_JUDGES["aesthetic_head"], weights_only=True)
+    state = torch.load(TINY_JUDGES["tiny"]["aesthetic_head"], weights_only=True)
     assert all(torch.equal(v, state[f"layers.{k}"]) for k, v in aesthetic.head.state_dict().items())
     assert aesthetic.clip.config.projection_dim == 768 and aesthetic.clip.config.vision_config.image_size == 32
     with pytest.raises(rewards.RewardLoadError, match="no tiny judge for --imagereward-model"):

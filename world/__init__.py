@@ -6,9 +6,18 @@ from pathlib import Path
 WORLD = Path(__file__).resolve().parent
 TINY_MODELS = {"tiny": WORLD / "tiny_model", "tiny-flow": WORLD / "tiny_flow_model",
                "tiny-activities": WORLD / "tiny_activities_model"}
-JUDGES = WORLD / "judges"  # the tiny judges, what --clip-model tiny (etc.) names: trained on the plain world, a CLIP
-# and LAION's aesthetic head (world/judges.py); on the world with activities, the VLM and BERTScore's encoder
-# (world/alignment_judges.py, which also leaves the independent classifier in judges/attributes)
-TINY_JUDGES = {"clip_model": JUDGES / "clip", "aesthetic_head": JUDGES / "aesthetic-model.pth",
-               "pickscore_model": JUDGES / "clip", "pickscore_processor": JUDGES / "clip",
-               "vlm": JUDGES / "vlm", "bertscore_model": JUDGES / "bertscore"}
+JUDGES = WORLD / "judges"  # the tiny judges (world/judges.py, world/alignment_judges.py)
+ALIGNMENT_JUDGES = {"vlm": JUDGES / "vlm", "bertscore_model": JUDGES / "bertscore"}  # one pair, which learned the
+# world with activities (alignment_judges.py, which also leaves the independent classifier in judges/attributes)
+TINY_JUDGES = {  # what --clip-model tiny (etc.) names, and --clip-model tiny-activities: each world's own judges
+    # the plain world's CLIP and LAION's aesthetic head (judges.py)
+    "tiny": {"clip_model": JUDGES / "clip", "aesthetic_head": JUDGES / "aesthetic-model.pth",
+             "pickscore_model": JUDGES / "clip", "pickscore_processor": JUDGES / "clip", **ALIGNMENT_JUDGES},
+    # the world with activities' own CLIP and aesthetic head (judges.py, world="activities")
+    "tiny-activities": {"clip_model": JUDGES / "activities" / "clip",
+                        "aesthetic_head": JUDGES / "activities" / "aesthetic-model.pth",
+                        "pickscore_model": JUDGES / "activities" / "clip",
+                        "pickscore_processor": JUDGES / "activities" / "clip", **ALIGNMENT_JUDGES},
+}
+JUDGE_OPTIONS = tuple(TINY_JUDGES["tiny"])  # the model options (rewards.MODEL_OPTIONS) that the toy world serves
+MODEL_JUDGES = {"tiny": "tiny", "tiny-flow": "tiny", "tiny-activities": "tiny-activities"}  # each model's judges

@@ -490,9 +490,11 @@ if __name__ == "__main__":
     p.add_argument("--ddpm-loss", action="store_true", help="print the DDPM loss of --model on its own samples and on "
                    "the world's pictures (what RWR trains on, against what it was pretrained on), and exit")
     p.add_argument("--judges", action="store_true", help="build the tiny judges instead (world/judges.py): a CLIP "
-                   "and LAION's aesthetic head, trained on the world's pictures, written to world/judges/")
-    p.add_argument("--judges-check", action="store_true", help="print how right the tiny judges are on freshly drawn "
-                   "pictures (the CLIP's caption matching, the aesthetic head's rank correlation with the rater), and exit")
+                   "and LAION's aesthetic head, trained on the world's pictures, written to world/judges/ (with "
+                   "--world activities: world/judges/activities/, the judges of tiny-activities)")
+    p.add_argument("--judges-check", action="store_true", help="print how right the tiny judges of --world are on "
+                   "freshly drawn pictures (the CLIP's caption matching, the aesthetic head's rank correlation with the "
+                   "rater), and exit")
     p.add_argument("--alignment-judges", action="store_true", help="build the alignment experiments' judges instead "
                    "(world/alignment_judges.py: a VLM, BERTScore's encoder, the attribute classifier) on the world with "
                    "activities, half of their pictures through --model's VAE, into --out (default world/judges)")
@@ -504,8 +506,9 @@ if __name__ == "__main__":
                    "activities and the unseen animals, at --guidance-scale; and exit")
     p.add_argument("--samples", type=int, default=128, help="with --alignment-count: samples of each prompt set")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="with --alignment-count: w")
-    p.add_argument("--world", choices=sorted(WORLDS), default="plain", help="the world the model learns: 'plain' "
-                   "(the built-in models', drawing.draw) or 'activities' (drawing.scene: an animal and its activity)")
+    p.add_argument("--world", choices=sorted(WORLDS), default="plain", help="the world the model (or with --judges, "
+                   "the judges) learns: 'plain' (tiny's and tiny-flow's, drawing.draw) or 'activities' (drawing.scene: "
+                   "an animal and its activity; tiny-activities')")
     p.add_argument("--model", help="with --reward-range or --ddpm-loss: the model (or a run folder; default tiny); with "
                    "--alignment-judges(-check): the model whose VAE draws half their pictures; with --alignment-count: "
                    "the model or run counted (both default tiny-activities)")
@@ -515,8 +518,10 @@ if __name__ == "__main__":
     if a.reward_range:
         reward_range(seed=a.seed, model=a.model)
     elif a.judges or a.judges_check:
-        from world import judges
-        judges.check() if a.judges_check else judges.build(a.seed, a.out or judges.TINY_JUDGES["clip_model"].parent)
+        from world import JUDGES, judges
+
+        out = a.out or (JUDGES / "activities" if a.world == "activities" else JUDGES)
+        judges.check(world=a.world) if a.judges_check else judges.build(a.seed, out, world=a.world)
     elif a.alignment_judges or a.alignment_judges_check:
         from world import JUDGES, alignment_judges
 
