@@ -511,6 +511,7 @@ def compute_rewards(reward_fn, name, images, prompts):
         if not hasattr(v, "__len__") or len(v) != len(prompts):
             count = f"{len(v)} values" if hasattr(v, "__len__") else f"a {type(v).__name__}"
             raise RunError(f"reward {name!r} returned extras {k!r} of {count} for {len(prompts)} samples")
+    extras = {k: v.tolist() if hasattr(v, "tolist") else list(v) for k, v in extras.items()}  # tensors: plain numbers
     if isinstance(r, torch.Tensor):  # a score, not a loss: DDPO's gradient never flows through the reward (§4)
         r = r.detach()
     try:

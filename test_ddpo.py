@@ -1451,6 +1451,9 @@ def extras_not_a_dict(images, prompts):
 def extras_one_short(images, prompts):
     return images.mean(dim=(1, 2, 3)), {"why": ["bright"] * (len(images) - 1)}
 
+def with_extras(images, prompts):
+    return images.mean(dim=(1, 2, 3)), {"red": images[:, 0].mean(dim=(1, 2)), "words": ("bright",) * len(images)}
+
 _scale = torch.ones(1, requires_grad=True)
 
 def with_grad(images, prompts):  # a reward computed by a module with trainable parameters, not detached
@@ -1506,6 +1509,17 @@ def test_a_reward_whose_output_is_not_numbers_of_its_shape_is_one_line(tmp_path,
     monkeypatch.chdir(tmp_path)
     line = main_error("--reward", f"my_rewards:{name}", *TINY_RUN, "--out-dir", str(tmp_path / "runs"))
     assert line == f"error: reward 'my_rewards:{name}' {message} in epoch 0; no checkpoint was written yet"
+
+
+def test_a_rewards_extras_go_into_the_grids_json_one_value_a_picture(tmp_path, monkeypatch):
+    """Extras as a tensor and as a tuple, one value a sample: each eval grid's .json holds each picture's, as plain
+    numbers and strings, beside its reward (the reward and red are computed from one picture each, so they differ)."""
+    (tmp_path / "my_rewards.py").write_text(BRIGHTNESS)
+    monkeypatch.chdir(tmp_path)
+    ddpo.main(["--reward", "my_rewards:with_extras", *TINY_RUN, "--out-dir", str(tmp_path), "--run-name", "x"])
+    cells = json.loads((tmp_path / "x" / "grid_001.json").read_text())
+    assert len(cells) == 8 and all(c["words"] == "bright" and isinstance(c["red"], float) for c in cells)
+    assert len({c["red"] for c in cells}) == 8 and all(0 <= c["red"] <= 1 for c in cells)
 
 
 def test_a_reward_that_requires_grad_is_detached_and_scored_as_its_values(tmp_path, monkeypatch):
