@@ -508,10 +508,12 @@ def compute_rewards(reward_fn, name, images, prompts):
         raise RunError(f"reward {name!r} returned a tuple that is not (rewards, a dict of per-sample extras)")
     r, extras = out if isinstance(out, tuple) else (out, {})
     for k, v in extras.items():  # one per sample: the grids caption sample i with v[i]
-        if not hasattr(v, "__len__") or len(v) != len(prompts):
-            count = f"{len(v)} values" if hasattr(v, "__len__") else f"a {type(v).__name__}"
+        n = len(v) if hasattr(v, "__len__") and getattr(v, "ndim", 1) > 0 else None  # (a 0-d tensor's len raises)
+        if n != len(prompts):
+            count = f"{n} values" if n is not None else f"a {type(v).__name__}"
             raise RunError(f"reward {name!r} returned extras {k!r} of {count} for {len(prompts)} samples")
-    extras = {k: v.tolist() if hasattr(v, "tolist") else list(v) for k, v in extras.items()}  # tensors: plain numbers
+    extras = {k: v.tolist() if hasattr(v, "tolist") else [x.item() if hasattr(x, "item") else x for x in v]
+              for k, v in extras.items()}  # tensors, arrays and their scalars: plain numbers, as the grid's .json holds
     if isinstance(r, torch.Tensor):  # a score, not a loss: DDPO's gradient never flows through the reward (§4)
         r = r.detach()
     try:

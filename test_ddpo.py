@@ -1451,8 +1451,12 @@ def extras_not_a_dict(images, prompts):
 def extras_one_short(images, prompts):
     return images.mean(dim=(1, 2, 3)), {"why": ["bright"] * (len(images) - 1)}
 
+def extras_a_number(images, prompts):
+    return images.mean(dim=(1, 2, 3)), {"mean": images.mean()}
+
 def with_extras(images, prompts):
-    return images.mean(dim=(1, 2, 3)), {"red": images[:, 0].mean(dim=(1, 2)), "words": ("bright",) * len(images)}
+    return images.mean(dim=(1, 2, 3)), {"red": images[:, 0].mean(dim=(1, 2)), "words": ("bright",) * len(images),
+                                        "green": list(images[:, 1].mean(dim=(1, 2)))}  # a list of 0-d tensors
 
 _scale = torch.ones(1, requires_grad=True)
 
@@ -1503,6 +1507,7 @@ def test_a_reward_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch, mai
                     "return 8 numbers"),
     ("extras_not_a_dict", "returned a tuple that is not (rewards, a dict of per-sample extras)"),
     ("extras_one_short", "returned extras 'why' of 7 values for 8 samples"),
+    ("extras_a_number", "returned extras 'mean' of a Tensor for 8 samples"),
 ])
 def test_a_reward_whose_output_is_not_numbers_of_its_shape_is_one_line(tmp_path, monkeypatch, main_error, name, message):
     (tmp_path / "my_rewards.py").write_text(BRIGHTNESS)
@@ -1512,13 +1517,14 @@ def test_a_reward_whose_output_is_not_numbers_of_its_shape_is_one_line(tmp_path,
 
 
 def test_a_rewards_extras_go_into_the_grids_json_one_value_a_picture(tmp_path, monkeypatch):
-    """Extras as a tensor and as a tuple, one value a sample: each eval grid's .json holds each picture's, as plain
-    numbers and strings, beside its reward (the reward and red are computed from one picture each, so they differ)."""
+    """Extras as a tensor, a tuple and a list of 0-d tensors, one value a sample: each eval grid's .json holds each
+    picture's, as plain numbers and strings, beside its reward (the reward and red are computed from one picture each, so they differ)."""
     (tmp_path / "my_rewards.py").write_text(BRIGHTNESS)
     monkeypatch.chdir(tmp_path)
     ddpo.main(["--reward", "my_rewards:with_extras", *TINY_RUN, "--out-dir", str(tmp_path), "--run-name", "x"])
     cells = json.loads((tmp_path / "x" / "grid_001.json").read_text())
     assert len(cells) == 8 and all(c["words"] == "bright" and isinstance(c["red"], float) for c in cells)
+    assert all(isinstance(c["green"], float) and 0 <= c["green"] <= 1 for c in cells)
     assert len({c["red"] for c in cells}) == 8 and all(0 <= c["red"] <= 1 for c in cells)
 
 
