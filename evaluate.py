@@ -10,7 +10,8 @@ extras have one, as alignment's VLM answers: the paper's Fig. 5-6; two lines of 
 cut) and RUN/eval/eval.json (the mean rewards).
 --judge scores the same pictures with a second reward that is not the run's (captioned "reward / judge"), to see
 whether what the reward rose for is what was wanted; with the toy world's rater, or its attribute classifier:
-    python evaluate.py runs/NAME --judge world.judges:taste
+    python evaluate.py runs/NAME --judge world.judges:taste          # a run of tiny or tiny-flow
+    python evaluate.py runs/NAME --judge world.judges:scene_taste    # the same rater, a run of tiny-activities
     python evaluate.py runs/NAME --judge world.alignment_judges:shows_activity
 """
 import dataclasses

@@ -45,10 +45,10 @@ NEAR = 0.25  # RGB distance within which a pixel has the subject's colour (busy 
 def palettes(prompts, world="plain"):
     """(B, 2, 3) background and subject colours that each prompt fixes in the world: the plain world's palette of
     the prompt (drawing.draw), or the subject's in the world with activities (drawing.scene)."""
-    rng = np.random.default_rng(0)  # (the empty prompt's random palette)
+    rng = np.random.default_rng  # (the empty prompt's random palette: the same for each)
     if world == "activities":
-        return torch.tensor([SCENE_PALETTES[subject_look(split_prompt(p)[0], rng)[0]] for p in prompts])
-    return torch.tensor([PALETTES[prompt_attributes(p, rng)[0]] for p in prompts])
+        return torch.tensor([SCENE_PALETTES[subject_look(split_prompt(p)[0], rng(0))[0]] for p in prompts])
+    return torch.tensor([PALETTES[prompt_attributes(p, rng(0))[0]] for p in prompts])
 
 
 def measure(images, prompts, world="plain"):
