@@ -581,7 +581,7 @@ MUTANTS = [
      "else p for p, a in zip(said, drawn)]", "else p for p, a in zip(chosen, drawn)]",
      [A + "test_the_world_with_activities_clip_trains_on_those_captions"]),
     ("the judges of the world with activities learn from the plain world's VAE", "world/judges.py",
-     'model = TINY_MODELS["tiny-activities" if world == "activities" else "tiny"]', 'model = TINY_MODELS["tiny"]',
+     'from_pretrained(TINY_MODELS[WORLD_MODELS[world]], subfolder="vae")', 'from_pretrained(TINY_MODELS["tiny"], subfolder="vae")',
      [J + "test_the_judges_rebuild_is_exact[activities]"]),
     # the world with activities and the alignment experiments' judges
     ("alt-text always shows the activity it names", "world/drawing.py",

@@ -325,14 +325,11 @@ def test_alignment_count_reads_a_models_samples_with_the_classifier_it_is_given(
 # The shipped judges (world/judges/vlm, bertscore, attributes) and model (tiny-activities), on fresh pictures
 # --------------------------------------------------------------------------------------------------------
 
-def drawn(prompt, seeds, show):
-    """Freshly drawn pictures of prompt (seeds the judges' training never used), the activity shown or not, [0, 1]."""
-    return torch.from_numpy(np.stack([drawing.scene(prompt, np.random.default_rng([999, s]), show) for s in seeds])) / 2 + 0.5
-
-
-def drawn_on(prompt, seed, strength):
-    """One fresh picture of prompt with its activity shown, on a background of the given tile strength, [0, 1]."""
-    return torch.from_numpy(drawing.scene(prompt, np.random.default_rng([999, seed]), True, strength))[None] / 2 + 0.5
+def drawn(prompt, seeds, show, strength=None):
+    """Freshly drawn pictures of prompt (seeds the judges' training never used), the activity shown or not, [0, 1];
+    strength: the tiles' (None: the world's)."""
+    rngs = [np.random.default_rng([999, s]) for s in seeds]
+    return torch.from_numpy(np.stack([drawing.scene(prompt, rng, show, strength) for rng in rngs])) / 2 + 0.5
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +397,7 @@ def test_the_world_with_activities_aesthetic_head_ranks_the_raters_favourite_fir
     state = torch.load(TINY_JUDGES["tiny-activities"]["aesthetic_head"], weights_only=True)
     assert all(torch.equal(v, state[f"layers.{k}"]) for k, v in aesthetic.head.state_dict().items())
     for i, prompt in enumerate(rewards.load_prompts("alignment")[::4][:16]):
-        versions = torch.cat([drawn_on(prompt, i, s) for s in (0.0, 0.3, 0.9)])
+        versions = torch.cat([drawn(prompt, [i], True, s) for s in (0.0, 0.3, 0.9)])
         rater, head = judges.scene_taste(versions, [prompt] * 3), aesthetic(versions, [prompt] * 3)
         assert rater.argmax() == 1 and head.argmax() == 1, (prompt, rater, head)
 

@@ -21,3 +21,4 @@ TINY_JUDGES = {  # what --clip-model tiny (etc.) names, and --clip-model tiny-ac
 }
 JUDGE_OPTIONS = tuple(TINY_JUDGES["tiny"])  # the model options (rewards.MODEL_OPTIONS) that the toy world serves
 MODEL_JUDGES = {"tiny": "tiny", "tiny-flow": "tiny", "tiny-activities": "tiny-activities"}  # each model's judges
+WORLD_MODELS = {"plain": "tiny", "activities": "tiny-activities"}  # each world's built-in DDIM model, and judge set

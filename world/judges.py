@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from world import JUDGES, TINY_MODELS
+from world import JUDGES, TINY_MODELS, WORLD_MODELS
 from world.drawing import BAND, PALETTES, SCENE_PALETTES, draw, prompt_attributes, split_prompt, subject_look
 
 # The rater's taste: a large subject on a lively (textured, not busy) background. Both vary in the base model's
@@ -239,8 +239,7 @@ def build(seed, out=JUDGES, clip_steps=3000, ratings=8192, head_steps=4000, worl
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                                  crop_size={"height": 32, "width": 32}),
                               tokenizer=tiny_world.build_tokenizer(prompts + words, max_length=24))
-    model = TINY_MODELS["tiny-activities" if world == "activities" else "tiny"]  # build the model first
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    vae = AutoencoderKL.from_pretrained(TINY_MODELS[WORLD_MODELS[world]], subfolder="vae").eval()  # built first
     clip = train_clip(build_clip(processor.tokenizer), processor, prompts, clip_steps, rng, vae, world=world)
     images, chosen, _ = judged_pictures(prompts, rng, ratings, vae, world)
     rated = taste(images, chosen, world) + RATING_NOISE * torch.from_numpy(rng.standard_normal(ratings)).float()
@@ -290,10 +289,10 @@ def check(n=256, seed=12345, world="plain"):
 
     import rewards
     from plumbing import model_checks
-    from world.drawing import scene
+    from world.tiny_world import WORLDS
 
     model_checks.quiet_libraries()
-    judges = "tiny-activities" if world == "activities" else "tiny"
+    judges = WORLD_MODELS[world]  # the judge set's name is its world's model's
     rng = np.random.default_rng(seed)
     training = rewards.load_prompts("simple_animals")
     images, chosen, drawn = judged_pictures(training, rng, n, world=world)
@@ -325,7 +324,7 @@ def check(n=256, seed=12345, world="plain"):
               f"best the world can draw {best:.3f}")
     aesthetic = rewards.make_reward("aesthetic", "cpu", clip_model=judges, aesthetic_head=judges)
     vae = AutoencoderKL.from_pretrained(TINY_MODELS[judges], subfolder="vae").eval()
-    picture = scene if world == "activities" else draw
+    picture = WORLDS[world]
     r = np.random.default_rng([seed, 1])
     rows = {"as the world draws them": (torch.from_numpy(np.stack([picture(p, r) for p in chosen])) / 2 + 0.5, chosen),
             "half with s uniform in [0, 0.8]": judged_pictures(training, r, n, world=world)[:2],

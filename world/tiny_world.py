@@ -518,9 +518,9 @@ if __name__ == "__main__":
     if a.reward_range:
         reward_range(seed=a.seed, model=a.model)
     elif a.judges or a.judges_check:
-        from world import JUDGES, judges
+        from world import TINY_JUDGES, WORLD_MODELS, judges
 
-        out = a.out or (JUDGES / "activities" if a.world == "activities" else JUDGES)
+        out = a.out or TINY_JUDGES[WORLD_MODELS[a.world]]["clip_model"].parent
         judges.check(world=a.world) if a.judges_check else judges.build(a.seed, out, world=a.world)
     elif a.alignment_judges or a.alignment_judges_check:
         from world import JUDGES, alignment_judges
@@ -537,5 +537,6 @@ if __name__ == "__main__":
     elif a.flow:
         build_flow(a.seed, a.out or ddpo.TINY_MODELS["tiny-flow"], a.flow_steps)
     else:
-        built_in = "tiny-activities" if a.world == "activities" else "tiny"
-        build(a.seed, a.out or ddpo.TINY_MODELS[built_in], a.vae_steps, a.unet_steps, a.world)
+        from world import WORLD_MODELS
+
+        build(a.seed, a.out or ddpo.TINY_MODELS[WORLD_MODELS[a.world]], a.vae_steps, a.unet_steps, a.world)
