@@ -652,17 +652,19 @@ def count_round(models, algo, *flags, advantages=(1.0, -1.0, 0.5, -0.5), optimiz
     return calls, len(steps), logs
 
 
-@pytest.mark.parametrize("algo, optimizer_steps, passes", [
-    ("is", 8, 16),  # 2 inner epochs x 4 minibatches; 2 x 4 samples (1 per pass) x 2 of the 4 timesteps
-    ("sf", 1, 8),  # one step per round, whatever the flags: its samples must come from the current θ
+@pytest.mark.parametrize("algo, optimizer_steps, passes, per_pass", [
+    ("is", 8, 16, 1),  # 2 inner epochs x 4 minibatches; 2 x 4 samples (1 per pass) x 2 of the 4 timesteps
+    ("sf", 1, 8, 1),  # one step per round, whatever the flags: its samples must come from the current θ
+    ("is", 8, 8, 2),  # both trained timesteps of a sample in one pass
 ])
-def test_batch_arithmetic_flags_decide_the_forward_passes(random_models, algo, optimizer_steps, passes):
-    """--num-minibatches, --inner-epochs, --train-batch-size and --timestep-fraction, counted as UNet calls; each
-    flag away from its default, so that a flag read as its default changes a count."""
+def test_batch_arithmetic_flags_decide_the_forward_passes(random_models, algo, optimizer_steps, passes, per_pass):
+    """--num-minibatches, --inner-epochs, --train-batch-size, --timestep-fraction and --timesteps-per-pass, counted
+    as UNet calls; each flag away from its default, so that a flag read as its default changes a count."""
     calls, steps, _ = count_round(random_models, algo, "--num-minibatches", "4", "--inner-epochs", "2",
-                                  "--train-batch-size", "1", "--timestep-fraction", "0.5", "--lr", "0")
+                                  "--train-batch-size", "1", "--timestep-fraction", "0.5", "--lr", "0",
+                                  "--timesteps-per-pass", str(per_pass))
     assert steps == optimizer_steps
-    assert calls == [2] * passes  # each pass: conditional + unconditional
+    assert calls == [2 * per_pass] * passes  # each pass: its steps, conditional + unconditional
 
 
 def test_ddpo_is_and_sf_take_different_updates_at_the_defaults(random_model_dir):
@@ -1285,7 +1287,7 @@ def test_empty_prompt_file_is_an_error(tmp_path, main_error):
 
 FLAGS = """reward algo model lora-rank mixed-precision prompts seed epochs run-name out-dir save-every resume
 device collective-timeout samples-per-epoch samples-per-prompt sample-batch-size num-steps eta noise-level guidance-scale resolution advantage buffer-size min-count
-adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timestep-fraction clip-range rwr-weights
+adv-clip lr max-grad-norm num-minibatches inner-epochs train-batch-size timesteps-per-pass timestep-fraction clip-range rwr-weights
 rwr-beta rwr-threshold kl-coef value-lr value-steps clip-model aesthetic-head vlm bertscore-model pickscore-model
 pickscore-processor imagereward-model imagereward-tokenizer""".split()
 
@@ -1316,10 +1318,13 @@ def test_help_lists_the_documented_flags_with_their_defaults_and_symbols():
     (["--kl-coef=-0.1"], "--kl-coef -0.1 is out of range (must be ≥ 0)"),
     (["--value-lr", "nan"], "--value-lr nan is out of range (must be finite)"),
     (["--value-steps", "0"], "--value-steps 0 is out of range (must be > 0)"),
-    (["--algo", "rwr", "--advantage", "value"], "--advantage value and --kl-coef act on the per-step policy: they need "
-                                                "--algo sf or is, not rwr"),
-    (["--algo", "rwr-sparse", "--kl-coef", "0.1"], "--advantage value and --kl-coef act on the per-step policy: they "
-                                                   "need --algo sf or is, not rwr-sparse"),
+    (["--timesteps-per-pass", "0"], "--timesteps-per-pass 0 is out of range (must be > 0)"),
+    (["--algo", "rwr", "--advantage", "value"], "--advantage value, --kl-coef and --timesteps-per-pass act on the "
+                                                "per-step policy: they need --algo sf or is, not rwr"),
+    (["--algo", "rwr-sparse", "--kl-coef", "0.1"], "--advantage value, --kl-coef and --timesteps-per-pass act on the "
+                                                   "per-step policy: they need --algo sf or is, not rwr-sparse"),
+    (["--algo", "rwr", "--timesteps-per-pass", "2"], "--advantage value, --kl-coef and --timesteps-per-pass act on the "
+                                                     "per-step policy: they need --algo sf or is, not rwr"),
 ])
 def test_out_of_range_and_non_finite_flags_are_refused_by_name(argv, message):
     with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):

@@ -36,7 +36,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def range_problem(args):
     """The first numeric setting out of its range, as one line naming the flag, or None."""
-    positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "epochs",
+    positive = ("clip_range", "num_steps", "samples_per_epoch", "samples_per_prompt", "sample_batch_size", "train_batch_size", "timesteps_per_pass", "epochs",
                 "num_minibatches", "inner_epochs", "buffer_size", "min_count", "adv_clip", "max_grad_norm", "save_every",
                 "value_steps")
     finite = ("eta", "noise_level", "guidance_scale", "adv_clip", "lr", "max_grad_norm", "timestep_fraction", "clip_range",
@@ -94,7 +94,8 @@ def describe(args, n_prompts, plan, world=1, flow=False):
         + (f"SDE steps (a={args.noise_level}" if flow else f"DDIM steps (η={args.eta}") + f", w={args.guidance_scale})",
         f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
         f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
-        + (f"samples, one {'flow-matching' if flow else 'DDPM'}-loss pass each" if rwr else f"samples x {n_t} timesteps"),
+        + (f"samples, one {'flow-matching' if flow else 'DDPM'}-loss pass each" if rwr else f"samples x {n_t} timesteps"
+           + (f", {args.timesteps_per_pass} a pass" if args.timesteps_per_pass > 1 else "")),
     ] + ([f"DPOK: {', '.join(dpok)}"] if dpok else []) + ([processes] if processes else []))
 
 
@@ -163,8 +164,9 @@ def complete(args, round_plan, typed=frozenset(), error=fail):
                     ("--num-minibatches", minibatches), ("the number of processes (torchrun)", world)):
         if args.samples_per_epoch % n:
             error(f"--samples-per-epoch {args.samples_per_epoch} is not a multiple of {name} {n}")
-    if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef):
-        error(f"--advantage value and --kl-coef act on the per-step policy: they need --algo sf or is, not {args.algo}")
+    if args.algo.startswith("rwr") and (args.advantage == "value" or args.kl_coef or args.timesteps_per_pass > 1):
+        error(f"--advantage value, --kl-coef and --timesteps-per-pass act on the per-step policy: they need --algo sf or "
+              f"is, not {args.algo}")
     args.prompts = args.prompts or rewards.DEFAULT_PROMPTS.get(args.reward, "simple_animals")
     base = args.model
     if is_run(args.model):  # a run folder continues its own trainable weights: its LoRA adapter, or its full denoiser

@@ -38,23 +38,28 @@ def sd_dir(tmp_path_factory):
 # Per-step quantities are indexed by the trained step
 # --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo", ["is", "sf"])
-def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monkeypatch, algo):
-    """DPOK's per-step advantages (B, T) with --timestep-fraction 0.5: each sample trains on 2 of its T = 4 steps,
+@pytest.mark.parametrize("algo, per_pass", [("is", 1), ("sf", 1), ("is", 2), ("sf", 3)])
+def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monkeypatch, algo, per_pass):
+    """DPOK's per-step advantages (B, T) with --timestep-fraction 0.75: each sample trains on 3 of its T = 4 steps,
     drawn in its own order. The loss of sample i's step j must take A[i, j] and the stored log π_θold of step j, and
-    rescore s_t = (states[i, j], timesteps[j], c_i) towards the action a_t = states[i, j + 1]."""
+    rescore s_t = (states[i, j], timesteps[j], c_i) towards the action a_t = states[i, j + 1].
+
+    --timesteps-per-pass k stacks k of each sample's steps into one pass (k = 2: passes of 2 and 1 steps; k = 3: one
+    pass): the same (sample, step) pairs as one step a pass, each with the weight 1 / (3 steps · the minibatch's
+    samples) in the gradient, and the logs weigh every step alike."""
     models = ddpo.load_models("tiny", "cpu")
-    args = ddpo.parse_args(["--num-steps", "4", "--algo", algo, "--advantage", "value", "--timestep-fraction", "0.5",
-                            "--samples-per-epoch", "4", "--samples-per-prompt", "1", "--num-minibatches", "2",
-                            "--train-batch-size", "2"])
+    flags = ["--num-steps", "4", "--algo", algo, "--advantage", "value", "--timestep-fraction", "0.75",
+             "--samples-per-epoch", "4", "--samples-per-prompt", "1", "--num-minibatches", "2", "--train-batch-size", "2"]
+    args = ddpo.parse_args([*flags, "--timesteps-per-pass", str(per_pass)])
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(0, range(4)))
-    B, T = 4, 4
+    B, T, n = 4, 4, 3
+    minibatch = 2 if algo == "is" else 4  # sf: one minibatch of the whole round (its data must come from θ), 2 chunks
     A = torch.arange(B * T, dtype=torch.float32).view(B, T) / 8 - 1  # a distinct advantage per (sample, step)
     assert len(set(traj.log_probs.flatten().tolist())) == B * T  # and a distinct old log-prob
 
     calls = []  # one per rescore: what went into its state, its action and the estimator after it
     real_rescore, real_policy, real_log_prob = ddpo.rescore, ddpo.policy, ddpo.gaussian_log_prob
-    real_is, real_sf = ddpo.ddpo_is_loss, ddpo.ddpo_sf_loss
+    real_is, real_sf, real_backward = ddpo.ddpo_is_loss, ddpo.ddpo_sf_loss, ddpo.backward
 
     def rescore(m, tr, rows, steps, *rest):
         calls.append({"rows": rows.tolist(), "steps": steps.tolist()})
@@ -78,13 +83,23 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
         calls[-1].update(loss_log_prob=log_prob.detach().clone(), adv=adv.clone())
         return real_sf(log_prob, adv)
 
+    def backward(loss, scale, *rest):
+        calls[-1].update(loss=loss.item(), scale=scale)
+        return real_backward(loss, scale, *rest)
+
     for name, spy in (("rescore", rescore), ("policy", policy), ("gaussian_log_prob", gaussian_log_prob),
-                      ("ddpo_is_loss", is_loss), ("ddpo_sf_loss", sf_loss)):
+                      ("ddpo_is_loss", is_loss), ("ddpo_sf_loss", sf_loss), ("backward", backward)):
         monkeypatch.setattr(ddpo, name, spy)
     optimizer = torch.optim.SGD([p for p in models.denoiser.parameters() if p.requires_grad], lr=0.0)
-    ddpo.train_round(models, optimizer, traj, A, torch.zeros(B), args, torch.Generator().manual_seed(0),
-                     ddpo.encode_prompts(models, [""]))
 
+    def train(args):
+        calls.clear()
+        logs = ddpo.train_round(models, optimizer, traj, A, torch.zeros(B), args, torch.Generator().manual_seed(0),
+                                ddpo.encode_prompts(models, [""]))
+        return logs, [(i, j) for call in calls for i, j in zip(call["rows"], call["steps"])]
+
+    one_a_pass = train(ddpo.parse_args(flags))[1]  # --timesteps-per-pass 1: the steps as drawn
+    logs, pairs = train(args)
     trained = {i: [] for i in range(B)}
     for call in calls:
         for m, (i, j) in enumerate(zip(call["rows"], call["steps"])):
@@ -96,9 +111,21 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
             assert torch.equal(call["c"][m], traj.cond["encoder_hidden_states"][i])
             assert torch.equal(call["x_prev"][m], traj.states[i, j + 1]), (i, j)
         assert torch.equal(call["loss_log_prob"], call["log_prob"])  # the estimator gets the rescored log-prob
-    assert all(len(set(steps)) == len(steps) == 2 for steps in trained.values()), trained  # 2 distinct steps each
+        # the loss is a mean over the pass's rows: each (sample, step) row weighs scale / rows; float64 rounding of
+        # share · k / n_timesteps and of this quotient, a few units of 2^-53
+        assert call["scale"] / len(call["rows"]) == pytest.approx(1 / (n * minibatch), rel=1e-12), call["scale"]
+    assert all(len(set(steps)) == len(steps) == n for steps in trained.values()), trained  # 3 distinct steps each
     # the test can tell step j from the loop's index k and from step 0: some sample's k-th step is not k
-    assert any(steps != [0, 1] for steps in trained.values()), trained
+    assert any(steps != [0, 1, 2] for steps in trained.values()), trained
+    assert sorted(pairs) == sorted(one_a_pass)  # the same (sample, step) pairs, however stacked
+    passes = [per_pass] * (n // per_pass) + ([n % per_pass] if n % per_pass else [])  # k = 2: [2, 1]; k = 3: [3]
+    rows = [len(call["rows"]) for call in calls]  # each pass: its steps of both samples of a chunk; 2 chunks
+    assert rows == [2 * k for k in passes] * 2, rows
+    # the logged loss: the mean over every trained step (a pass of k steps counts k times); float64 sums of ≤ 6
+    # values, each off by ≤ 2^-53 of the running sum of magnitudes
+    weights = [len(call["rows"]) / 2 for call in calls]
+    expected = sum(w * call["loss"] for w, call in zip(weights, calls)) / sum(weights)
+    assert abs(logs["loss"] - expected) <= 1e-12 * max(abs(call["loss"]) for call in calls), (logs["loss"], expected)
 
 
 # --------------------------------------------------------------------------------------------------------
