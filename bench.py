@@ -6,6 +6,7 @@
     python bench.py --models sd35m --device cuda --mixed-precision bf16 --lora-rank 32 --batch-size 1 --num-steps 10 --resolution 512
     python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
     python bench.py --processes 1,2                 # whole epochs of ddpo.py by 1 and 2 processes (torchrun)
+    python bench.py --models tiny --batch-size 32 --timesteps-per-pass 1,10   # a default round's training passes
 
 --rounds: samples per second of whole training epochs (sampling + reward + training, without the per-epoch eval)
 of `python ddpo.py` with its defaults, and each process's peak memory, for this checkout and for the checkout of
@@ -24,6 +25,7 @@ model, run by one plain process and by torchrun with N processes. On CPU the cor
 gets cores / N threads. With --device cuda, each process gets its own GPU.
 """
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -127,16 +129,28 @@ def bench(name, path, opts):
     sampling_peak = peak_gib(cuda)
     reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device)
     advantages = torch.linspace(-1, 1, len(r)) if len(r) > 1 else torch.ones(1)  # the cost does not depend on them
-    reset_peak(cuda)
-    train_s, _ = timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, args, g(), uncond),
-                       args.device)
-    peak = (f"{'GPU' if cuda else 'RSS'} {loaded:.2f} GiB loading, {sampling_peak:.2f} sampling, "
-            f"{peak_gib(cuda):.2f} training")
-    round_s = ours + reward_s + train_s
+    per_pass = sorted({int(k) for k in opts.timesteps_per_pass.split(",")})  # checked by counts()
+    train_s, train_peak = {k: [] for k in per_pass}, {}
+    for _ in range((opts.repeats or 3) if len(per_pass) > 1 else 1):  # alternated: the drift hits each alike
+        for k in per_pass:
+            reset_peak(cuda)
+            stacked = dataclasses.replace(args, timesteps_per_pass=k)
+            train_s[k].append(timed(lambda: ddpo.train_round(models, optimizer, traj, advantages, r, stacked, g(), uncond),
+                                    args.device)[0])
+            # the first time round only, smallest k first: on CPU the allocator keeps a larger k's memory resident
+            train_peak.setdefault(k, peak_gib(cuda))
     side = args.resolution or models.vae.config.sample_size  # the VAE's image size: the model's own
-    print(f"{name:8s} | {side}x{side}, batch {opts.batch_size}, {args.num_steps} steps, LoRA {args.lora_rank}, {args.mixed_precision} | "
-          f"round {round_s:.2f} s = sampling {ours:.2f} + reward {reward_s:.3f} + training {train_s:.2f} | "
-          f"{opts.batch_size / round_s:.2f} samples/s | peak {peak} | rollout / plain diffusers loop {ours / plain:.3f}x")
+    for k in per_pass:
+        train, first = min(train_s[k]), min(train_s[per_pass[0]])
+        peak = (f"{'GPU' if cuda else 'RSS'} {loaded:.2f} GiB loading, {sampling_peak:.2f} sampling, "
+                f"{train_peak[k]:.2f} training")
+        round_s = ours + reward_s + train
+        stacking = f", {k} timesteps a pass" if k > 1 else ""
+        faster = f" ({first / train:.2f}x the training of {per_pass[0]} a pass)" if k != per_pass[0] else ""
+        print(f"{name:8s} | {side}x{side}, batch {opts.batch_size}, {args.num_steps} steps{stacking}, LoRA {args.lora_rank}, "
+              f"{args.mixed_precision} | round {round_s:.2f} s = sampling {ours:.2f} + reward {reward_s:.3f} + training "
+              f"{train:.2f}{faster} | {opts.batch_size / round_s:.2f} samples/s | peak {peak} | rollout / plain diffusers "
+              f"loop {ours / plain:.3f}x")
 
 
 RANDOM_MODELS = {"tiny-sd": tiny_world.save_sd_style_pipeline, "sd14": lambda path: tiny_world.save_sd_style_pipeline(path, True),
@@ -205,6 +219,13 @@ def bench_processes(counts, opts):
               f"whole command {time.time() - start:.0f} s")
 
 
+def counts(text):
+    """A comma-separated list of counts ≥ 1 (argparse's type: anything else is one line)."""
+    if not all(k.strip().isdigit() and int(k) > 0 for k in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of counts ≥ 1, e.g. 1,10")
+    return text
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,tiny-sd,tiny-flow,tiny-sd3",
@@ -216,6 +237,9 @@ def main():
     p.add_argument("--lora-rank", type=int, default=None, help="default: ddpo.py's (0 for tiny, 4 otherwise)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-steps", type=int, default=20)
+    p.add_argument("--timesteps-per-pass", default="1", type=counts, help="ddpo.py's --timesteps-per-pass, or several, comma-separated "
+                                                             "(e.g. 1,10): the round's training timed with each, alternately, and "
+                                                             "compared with the smallest")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels; default: each model's own")
     p.add_argument("--repeats", type=int, help="rollouts timed per loop (default 5), or with --rounds runs of each "
                                                 "checkout (default 2), alternating; the fastest is printed")
