@@ -112,7 +112,7 @@ class Args:
     inner_epochs: int = arg(1, "passes over each round's samples (is, rwr, rwr-sparse)")
     train_batch_size: int = arg(32, "samples per training forward pass; a minibatch larger than this is "
                                    "accumulated over several passes")
-    timesteps_per_pass: int = arg(1, "k, trained timesteps in one forward and backward pass: 1 (the PyTorch port's) keeps "
+    timesteps_per_pass: int = arg(1, "k, trained timesteps a forward and backward pass (sf, is): 1 (the PyTorch port's) keeps "
                                      "memory flat in T; k > 1 takes k× the activations, on CPU less time (tiny: 1.5x at 10)")
     timestep_fraction: float = arg(1.0, "fraction of the T timesteps trained on, drawn per sample (paper: all, App. D.1)")
     clip_range: float = arg(1e-3, "ε, DDPO_IS ratio clip (PPO's ε, not the noise): loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) (paper: 1e-4 "
