@@ -6,7 +6,7 @@
     python bench.py --models sd35m --device cuda --mixed-precision bf16 --lora-rank 32 --batch-size 1 --num-steps 10 --resolution 512
     python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
     python bench.py --processes 1,2                 # whole epochs of ddpo.py by 1 and 2 processes (torchrun)
-    python bench.py --models tiny --batch-size 32 --timesteps-per-pass 1,10   # a default round's training passes
+    python bench.py --models tiny --batch-size 32 --timesteps-per-pass 1,10   # training at 1 and 10 timesteps a pass (64-row passes, as by default)
 
 --rounds: samples per second of whole training epochs (sampling + reward + training, without the per-epoch eval)
 of `python ddpo.py` with its defaults, and each process's peak memory, for this checkout and for the checkout of
@@ -131,6 +131,8 @@ def bench(name, path, opts):
     advantages = torch.linspace(-1, 1, len(r)) if len(r) > 1 else torch.ones(1)  # the cost does not depend on them
     per_pass = sorted({int(k) for k in opts.timesteps_per_pass.split(",")})  # checked by counts()
     train_s, train_peak = {k: [] for k in per_pass}, {}
+    ddpo.train_round(models, optimizer, traj, advantages, r, dataclasses.replace(args, timesteps_per_pass=per_pass[0]), g(),
+                     uncond)  # warm-up, not timed: the first backward allocates the gradients and the optimizer's state
     for _ in range((opts.repeats or 3) if len(per_pass) > 1 else 1):  # alternated: the drift hits each alike
         for k in per_pass:
             reset_peak(cuda)
@@ -241,8 +243,9 @@ def main():
                                                              "(e.g. 1,10): the round's training timed with each, alternately, and "
                                                              "compared with the smallest")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels; default: each model's own")
-    p.add_argument("--repeats", type=int, help="rollouts timed per loop (default 5), or with --rounds runs of each "
-                                                "checkout (default 2), alternating; the fastest is printed")
+    p.add_argument("--repeats", type=int, help="rollouts timed per loop (default 5); with several --timesteps-per-pass, "
+                                                "training rounds timed per k (default 3); with --rounds, runs of each "
+                                                "checkout (default 2); alternating, the fastest printed")
     p.add_argument("--processes", help="comma-separated process counts, e.g. 1,2: time ddpo.py's epochs under torchrun "
                                        "instead of the models above")
     p.add_argument("--epochs", type=int, default=4, help="with --processes or --rounds: epochs per command (the first "
@@ -251,6 +254,8 @@ def main():
                                                           "checkout against --old-commit's, instead of the models above")
     p.add_argument("--old-commit", default=OLD_COMMIT, help="with --rounds: the commit to time against")
     opts = p.parse_args()
+    if opts.timesteps_per_pass != "1" and (opts.rounds or opts.processes):
+        p.error("--timesteps-per-pass times one round of the models above: --rounds and --processes run ddpo.py's defaults")
     model_checks.quiet_libraries()
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))
