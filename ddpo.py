@@ -696,9 +696,9 @@ def policy_gradient_chunk(models, traj, rows, chunk, steps, advantages, args, un
     timesteps, k·b rows, each a sample at one of its own steps; its mean loss carries k / n_timesteps of the chunk."""
     n_timesteps = steps.shape[1]
     for i in range(0, n_timesteps, args.timesteps_per_pass):
-        j = steps[chunk, i:i + args.timesteps_per_pass].T.flatten()  # step-major: every sample's i-th step, then i+1-th
-        k = len(j) // len(chunk)
-        r, c = rows.repeat(k), chunk.repeat(k)  # each row's sample, in traj and in the round
+        j = steps[chunk, i:i + args.timesteps_per_pass].T.flatten()  # (k·b,) step-major: every sample's i-th step, then i+1-th
+        k = len(j) // len(chunk)  # k, or fewer in the last pass
+        r, c = rows.repeat(k), chunk.repeat(k)  # (k·b,): each row's sample, in traj and in the round
         log_prob, kl = rescore(models, traj, r, j, uncond, args)
         adv = advantages[c, j] if advantages.ndim == 2 else advantages[c]  # A per sample, or per step (DPOK's V_φ)
         if args.algo == "sf":

@@ -4,6 +4,8 @@ by hand or a run trained straight, never against a copy of the code under test.
 
     python -m pytest -q tests/test_bookkeeping.py
 """
+import copy
+import dataclasses
 import json
 import random
 
@@ -38,23 +40,36 @@ def sd_dir(tmp_path_factory):
 # Per-step quantities are indexed by the trained step
 # --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo, per_pass", [("is", 1), ("sf", 1), ("is", 2), ("sf", 3)])
-def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monkeypatch, algo, per_pass):
+@pytest.mark.parametrize("algo, per_pass, variant", [
+    pytest.param("is", 1, "", id="is-1"), pytest.param("sf", 1, "", id="sf-1"), pytest.param("is", 2, "", id="is-2"),
+    pytest.param("sf", 3, "", id="sf-3"), pytest.param("is", 2, "kl", id="is-2-kl"),
+    pytest.param("sf", 2, "per-sample", id="sf-2-per-sample")])
+def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monkeypatch, algo, per_pass, variant):
     """DPOK's per-step advantages (B, T) with --timestep-fraction 0.75: each sample trains on 3 of its T = 4 steps,
     drawn in its own order. The loss of sample i's step j must take A[i, j] and the stored log π_θold of step j, and
     rescore s_t = (states[i, j], timesteps[j], c_i) towards the action a_t = states[i, j + 1].
 
     --timesteps-per-pass k stacks k of each sample's steps into one pass (k = 2: passes of 2 and 1 steps; k = 3: one
     pass): the same (sample, step) pairs as one step a pass, each with the weight 1 / (3 steps · the minibatch's
-    samples) in the gradient, and the logs weigh every step alike."""
+    samples) in the gradient, and the logs weigh every step alike. Variants: with DPOK's KL (--kl-coef, to a reference
+    model that differs from θ), and with one advantage per sample (B,), every step of sample i taking A_i."""
     models = ddpo.load_models("tiny", "cpu")
-    flags = ["--num-steps", "4", "--algo", algo, "--advantage", "value", "--timestep-fraction", "0.75",
-             "--samples-per-epoch", "4", "--samples-per-prompt", "1", "--num-minibatches", "2", "--train-batch-size", "2"]
+    flags = ["--num-steps", "4", "--algo", algo, "--timestep-fraction", "0.75", "--samples-per-epoch", "4",
+             "--samples-per-prompt", "1", "--num-minibatches", "2", "--train-batch-size", "2"]
+    flags += {"": ["--advantage", "value"], "kl": ["--advantage", "value", "--kl-coef", "0.5"], "per-sample": []}[variant]
     args = ddpo.parse_args([*flags, "--timesteps-per-pass", str(per_pass)])
+    if variant == "kl":  # π_pre: the denoiser with every weight moved a little, so that each row's KL differs
+        torch.manual_seed(0)
+        reference = copy.deepcopy(models.denoiser).requires_grad_(False)
+        for p in reference.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+        models = dataclasses.replace(models, reference=reference)
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(0, range(4)))
     B, T, n = 4, 4, 3
     minibatch = 2 if algo == "is" else 4  # sf: one minibatch of the whole round (its data must come from θ), 2 chunks
     A = torch.arange(B * T, dtype=torch.float32).view(B, T) / 8 - 1  # a distinct advantage per (sample, step)
+    if variant == "per-sample":
+        A = A[:, 0] * 3  # (B,): a distinct advantage per sample, none equal to another's A[i, j]
     assert len(set(traj.log_probs.flatten().tolist())) == B * T  # and a distinct old log-prob
 
     calls = []  # one per rescore: what went into its state, its action and the estimator after it
@@ -64,7 +79,7 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
     def rescore(m, tr, rows, steps, *rest):
         calls.append({"rows": rows.tolist(), "steps": steps.tolist()})
         log_prob, kl = real_rescore(m, tr, rows, steps, *rest)
-        calls[-1]["log_prob"] = log_prob.detach().clone()
+        calls[-1].update(log_prob=log_prob.detach().clone(), kl=None if kl is None else kl.detach().clone())
         return log_prob, kl
 
     def policy(m, x_t, t, cond, *rest):
@@ -77,11 +92,17 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
 
     def is_loss(log_prob, old, adv, clip_range):
         calls[-1].update(loss_log_prob=log_prob.detach().clone(), old=old.clone(), adv=adv.clone())
-        return real_is(log_prob, old, adv, clip_range)
+        # the first row's old log-prob moved by 0.1, so that passes of 4 and 2 rows clip and diverge by different
+        # fractions (at lr = 0 every ratio is 1 up to rounding): the logs' weighting of passes can then show
+        out = real_is(log_prob, old - 0.1 * (torch.arange(len(old)) == 0), adv, clip_range)
+        calls[-1].update(estimator=out[0].item(), approx_kl=out[1].item(), clipfrac=out[2].item())
+        return out
 
     def sf_loss(log_prob, adv):
         calls[-1].update(loss_log_prob=log_prob.detach().clone(), adv=adv.clone())
-        return real_sf(log_prob, adv)
+        out = real_sf(log_prob, adv)
+        calls[-1]["estimator"] = out.item()
+        return out
 
     def backward(loss, scale, *rest):
         calls[-1].update(loss=loss.item(), scale=scale)
@@ -104,13 +125,18 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
     for call in calls:
         for m, (i, j) in enumerate(zip(call["rows"], call["steps"])):
             trained[i].append(j)
-            assert call["adv"][m] == A[i, j], (i, j)
+            assert call["adv"][m] == (A[i] if variant == "per-sample" else A[i, j]), (i, j)
             if algo == "is":
                 assert call["old"][m] == traj.log_probs[i, j], (i, j)
             assert torch.equal(call["x_t"][m], traj.states[i, j]) and call["t"][m] == traj.timesteps[j]
             assert torch.equal(call["c"][m], traj.cond["encoder_hidden_states"][i])
             assert torch.equal(call["x_prev"][m], traj.states[i, j + 1]), (i, j)
         assert torch.equal(call["loss_log_prob"], call["log_prob"])  # the estimator gets the rescored log-prob
+        assert (call["kl"] is None) == (variant != "kl")
+        if variant == "kl":  # the pass's loss: the estimator's + β_KL · the pass's mean KL, its rows weighed alike;
+            # float32: two roundings of ≤ 2^-24 of the magnitudes each
+            kl_term = 0.5 * call["kl"].mean().item()
+            assert abs(call["loss"] - (call["estimator"] + kl_term)) <= 4 * 2**-24 * (abs(call["estimator"]) + kl_term)
         # the loss is a mean over the pass's rows: each (sample, step) row weighs scale / rows; float64 rounding of
         # share · k / n_timesteps and of this quotient, a few units of 2^-53
         assert call["scale"] / len(call["rows"]) == pytest.approx(1 / (n * minibatch), rel=1e-12), call["scale"]
@@ -124,8 +150,15 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
     # the logged loss: the mean over every trained step (a pass of k steps counts k times); float64 sums of ≤ 6
     # values, each off by ≤ 2^-53 of the running sum of magnitudes
     weights = [len(call["rows"]) / 2 for call in calls]
-    expected = sum(w * call["loss"] for w, call in zip(weights, calls)) / sum(weights)
-    assert abs(logs["loss"] - expected) <= 1e-12 * max(abs(call["loss"]) for call in calls), (logs["loss"], expected)
+    logged = {"loss": [call["loss"] for call in calls]}
+    if algo == "is":
+        logged.update(approx_kl=[call["approx_kl"] for call in calls], clipfrac=[call["clipfrac"] for call in calls])
+    if variant == "kl":
+        logged["kl"] = [call["kl"].mean().item() for call in calls]
+    assert set(logged) <= set(logs), logs
+    for name, values in logged.items():
+        expected = sum(w * v for w, v in zip(weights, values)) / sum(weights)
+        assert abs(logs[name] - expected) <= 1e-12 * max(map(abs, values)), (name, logs[name], expected)
 
 
 # --------------------------------------------------------------------------------------------------------
