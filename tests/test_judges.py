@@ -4,6 +4,7 @@ head saying meaningful things about freshly drawn pictures, and the tiny models 
     python -m pytest -q tests/test_judges.py
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,9 +160,14 @@ def test_tiny_names_the_world_judges_and_a_reward_without_one_is_one_line(aesthe
 
 
 def test_aesthetic_runs_on_the_tiny_model_out_of_the_box(tmp_path):
-    """python ddpo.py --reward aesthetic, at tiny settings: the tiny judges score it, offline."""
-    ddpo.main([*SHORT_RUN, "--reward", "aesthetic", "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "r"])
+    """python ddpo.py @configs/tiny_aesthetic.txt (--reward aesthetic), at tiny settings: the tiny judges score it,
+    offline; its 10 timesteps a pass train both of SHORT_RUN's 2 steps in one pass."""
+    config = Path(ddpo.__file__).parent / "configs" / "tiny_aesthetic.txt"
+    ddpo.main([f"@{config}", *SHORT_RUN, "--out-dir", str(tmp_path), "--run-name", "r"])
     saved = json.loads((tmp_path / "r" / "args.json").read_text())
     assert saved["clip_model"] == saved["aesthetic_head"] == "tiny"
+    assert (saved["reward"], saved["algo"], saved["timesteps_per_pass"], saved["epochs"]) == ("aesthetic", "is", 10, 1)
+    alone = ddpo.parse_args([f"@{config}"])  # the README's run: 120 epochs, not SHORT_RUN's 1
+    assert (alone.epochs, alone.num_steps, alone.timesteps_per_pass) == (120, 20, 10)
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert 2 < rows[-1]["eval/reward_mean"] < 9  # LAION's scale, roughly: the head's, not a random one's
