@@ -6,7 +6,7 @@
     python bench.py --models sd35m --device cuda --mixed-precision bf16 --lora-rank 32 --batch-size 1 --num-steps 10 --resolution 512
     python bench.py --models sd14 --save-to /tmp/bench && python bench.py --models /tmp/bench/sd14 ...  # CPU peak RSS without the build
     python bench.py --processes 1,2                 # whole epochs of ddpo.py by 1 and 2 processes (torchrun)
-    python bench.py --models tiny --batch-size 32 --timesteps-per-pass 1,10   # training at 1 and 10 timesteps a pass (64-row passes, as by default)
+    python bench.py --models tiny --batch-size 32 --timesteps-per-pass 1,10   # training at 1 and 10 timesteps a pass
 
 --rounds: samples per second of whole training epochs (sampling + reward + training, without the per-epoch eval)
 of `python ddpo.py` with its defaults, and each process's peak memory, for this checkout and for the checkout of
@@ -254,8 +254,9 @@ def main():
                                                           "checkout against --old-commit's, instead of the models above")
     p.add_argument("--old-commit", default=OLD_COMMIT, help="with --rounds: the commit to time against")
     opts = p.parse_args()
-    if opts.timesteps_per_pass != "1" and (opts.rounds or opts.processes):
-        p.error("--timesteps-per-pass times one round of the models above: --rounds and --processes run ddpo.py's defaults")
+    if {int(k) for k in opts.timesteps_per_pass.split(",")} != {1} and (opts.rounds or opts.processes):
+        p.error("--timesteps-per-pass times one round of the models above: --rounds and --processes run ddpo.py's "
+                "defaults")
     model_checks.quiet_libraries()
     print(f"torch {torch.__version__}, device {opts.device}"
           + (f" ({torch.cuda.get_device_name()})" if opts.device.startswith("cuda") else f", {torch.get_num_threads()} threads"))

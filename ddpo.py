@@ -113,7 +113,7 @@ class Args:
     train_batch_size: int = arg(32, "samples per training forward pass; a minibatch larger than this is "
                                    "accumulated over several passes")
     timesteps_per_pass: int = arg(1, "k, trained timesteps a forward and backward pass (sf, is): 1 (the PyTorch port's) keeps "
-                                     "memory flat in T; k > 1 takes k× the activations, on CPU less time (tiny: training 1.5x faster at 10)")
+                                     "memory flat in T; k > 1 takes k× the activations, on CPU less time (tiny: training 1.4-1.6x faster at 10)")
     timestep_fraction: float = arg(1.0, "fraction of the T timesteps trained on, drawn per sample (paper: all, App. D.1)")
     clip_range: float = arg(1e-3, "ε, DDPO_IS ratio clip (PPO's ε, not the noise): loss = max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) (paper: 1e-4 "
                                   "on SD's 16,384 latent values; the log-ratio is a mean over them, whose spread "

@@ -95,7 +95,7 @@ def describe(args, n_prompts, plan, world=1, flow=False):
         f"training: {inner} inner epoch(s) x {n_mb} minibatch(es) of {mb} samples = {inner * n_mb} optimizer steps "
         f"per epoch; each minibatch = {math.ceil(mb / args.train_batch_size)} forward chunk(s) of ≤{args.train_batch_size} "
         + (f"samples, one {'flow-matching' if flow else 'DDPM'}-loss pass each" if rwr else f"samples x {n_t} timesteps"
-           + (f", {min(args.timesteps_per_pass, n_t)} a pass" if args.timesteps_per_pass > 1 else "")),
+           + (f", {min(args.timesteps_per_pass, n_t)} a pass" if min(args.timesteps_per_pass, n_t) > 1 else "")),
     ] + ([f"DPOK: {', '.join(dpok)}"] if dpok else []) + ([processes] if processes else []))
 
 

@@ -59,17 +59,17 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
     flags += {"": ["--advantage", "value"], "kl": ["--advantage", "value", "--kl-coef", "0.5"], "per-sample": []}[variant]
     args = ddpo.parse_args([*flags, "--timesteps-per-pass", str(per_pass)])
     if variant == "kl":  # π_pre: the denoiser with every weight moved a little, so that each row's KL differs
-        torch.manual_seed(0)
+        moved = torch.Generator().manual_seed(0)
         reference = copy.deepcopy(models.denoiser).requires_grad_(False)
         for p in reference.parameters():
-            p.add_(1e-3 * torch.randn_like(p))
+            p.add_(1e-3 * torch.randn(p.shape, generator=moved))
         models = dataclasses.replace(models, reference=reference)
     traj = ddpo.rollout(models, ["cat", "dog", "cow", "pig"], args, ddpo.noise_generators(0, range(4)))
     B, T, n = 4, 4, 3
     minibatch = 2 if algo == "is" else 4  # sf: one minibatch of the whole round (its data must come from θ), 2 chunks
     A = torch.arange(B * T, dtype=torch.float32).view(B, T) / 8 - 1  # a distinct advantage per (sample, step)
     if variant == "per-sample":
-        A = A[:, 0] * 3  # (B,): a distinct advantage per sample, none equal to another's A[i, j]
+        A = A[:, 0] * 3 + 0.1  # (B,): a distinct advantage per sample, none equal to any A[i, j] of the (B, T) one
     assert len(set(traj.log_probs.flatten().tolist())) == B * T  # and a distinct old log-prob
 
     calls = []  # one per rescore: what went into its state, its action and the estimator after it
@@ -82,8 +82,9 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
         calls[-1].update(log_prob=log_prob.detach().clone(), kl=None if kl is None else kl.detach().clone())
         return log_prob, kl
 
-    def policy(m, x_t, t, cond, *rest):
-        calls[-1].update(x_t=x_t.clone(), t=t.clone(), c=cond["encoder_hidden_states"].clone())
+    def policy(m, x_t, t, cond, *rest):  # θ's call, then (with the KL) π_pre's, each on the same states
+        calls[-1].setdefault("policy", []).append(dict(
+            theta=m.denoiser is models.denoiser, x_t=x_t.clone(), t=t.clone(), c=cond["encoder_hidden_states"].clone()))
         return real_policy(m, x_t, t, cond, *rest)
 
     def gaussian_log_prob(x_prev, *rest):
@@ -128,14 +129,19 @@ def test_each_trained_step_takes_its_own_advantage_old_log_prob_and_states(monke
             assert call["adv"][m] == (A[i] if variant == "per-sample" else A[i, j]), (i, j)
             if algo == "is":
                 assert call["old"][m] == traj.log_probs[i, j], (i, j)
-            assert torch.equal(call["x_t"][m], traj.states[i, j]) and call["t"][m] == traj.timesteps[j]
-            assert torch.equal(call["c"][m], traj.cond["encoder_hidden_states"][i])
+            for state in call["policy"]:
+                assert torch.equal(state["x_t"][m], traj.states[i, j]) and state["t"][m] == traj.timesteps[j]
+                assert torch.equal(state["c"][m], traj.cond["encoder_hidden_states"][i])
             assert torch.equal(call["x_prev"][m], traj.states[i, j + 1]), (i, j)
+        # θ first; π_pre (the reference model) second, only with the KL
+        assert [state["theta"] for state in call["policy"]] == ([True, False] if variant == "kl" else [True])
         assert torch.equal(call["loss_log_prob"], call["log_prob"])  # the estimator gets the rescored log-prob
         assert (call["kl"] is None) == (variant != "kl")
         if variant == "kl":  # the pass's loss: the estimator's + β_KL · the pass's mean KL, its rows weighed alike;
-            # float32: two roundings of ≤ 2^-24 of the magnitudes each
+            # float32: the mean's rounding, then the sum's (×0.5 is exact), each ≤ 2^-24 of the magnitudes
             kl_term = 0.5 * call["kl"].mean().item()
+            assert len(set(call["kl"].tolist())) == len(call["kl"])  # each row's KL its own: a wrong row would show
+            assert kl_term > 1e3 * 2**-24 * abs(call["estimator"])  # and the term is far above the tolerance
             assert abs(call["loss"] - (call["estimator"] + kl_term)) <= 4 * 2**-24 * (abs(call["estimator"]) + kl_term)
         # the loss is a mean over the pass's rows: each (sample, step) row weighs scale / rows; float64 rounding of
         # share · k / n_timesteps and of this quotient, a few units of 2^-53
