@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import os
 import signal
+import sys
 
 import torch
 from tqdm import tqdm
@@ -140,6 +141,7 @@ class CtrlC:
         self.requested = True
         tqdm.write(f"{self.SIGNALS[signum]}: finishing this epoch, then writing a checkpoint (Ctrl-C or SIGTERM again "
                    f"to stop now)")
+        sys.stdout.flush()  # into a scheduler's log now, not at exit: a kill after its grace period would lose it
 
     def __exit__(self, *exc):
         for signum, previous in self.previous.items():

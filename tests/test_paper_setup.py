@@ -7,6 +7,7 @@ Ctrl-C, non-finite losses, evaluate.py, export.py.
 """
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -471,18 +472,20 @@ TINY_ARGV = ["--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prom
 
 
 def start_run(tmp_path, *argv):
-    """ddpo.py in its own process, as a user or a batch scheduler starts it; stderr goes to a file."""
-    log = open(tmp_path / "stderr.txt", "w")
+    """ddpo.py in its own process, as a user or a batch scheduler starts it; stdout and stderr go to files, stdout
+    block-buffered as in a scheduler's log (PYTHONUNBUFFERED, if this shell sets it, is not passed on)."""
+    out, log = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "ddpo.py"), *TINY_ARGV, "--out-dir", str(tmp_path), *argv],
-                            stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT)
-    return proc, lambda: (proc.wait(timeout=120), log.close(), (tmp_path / "stderr.txt").read_text())[2]
+                            stdout=out, stderr=log, cwd=ROOT, env=env)
+    return proc, lambda: (proc.wait(timeout=120), out.close(), log.close(), (tmp_path / "stderr.txt").read_text())[3]
 
 
-def wait_for(condition, proc, timeout=120):
+def wait_for(condition, proc, timeout=120, poll=0.05):
     deadline = time.time() + timeout
     while not condition():
         assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the signal"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def test_a_new_run_in_a_folder_that_holds_a_run_is_refused_and_the_run_is_kept(tmp_path):
@@ -535,17 +538,21 @@ def test_sigterm_finishes_the_epoch_writes_a_checkpoint_and_a_second_one_stops_a
     assert stderr.strip().splitlines()[-1] == f"interrupted after epoch {epoch}, checkpoint written: resume with --resume {run}"
     assert [p.name for p in (run / "checkpoints").iterdir()] == [f"epoch_{epoch:04d}"]
 
+    # The second signal must come while the epoch runs: as soon as the first one's handler has said so (its line,
+    # flushed to stdout), not after a fixed delay, in which a fast machine finished the epoch and exited (-15: the
+    # second signal met the default handler). 10 steps make an epoch some 50 times the 10 ms poll (0.5 s here).
     run = tmp_path / "twice"
-    proc, finish = start_run(tmp_path, "--epochs", "50", "--save-every", "1", "--run-name", "twice")
+    proc, finish = start_run(tmp_path, "--epochs", "50", "--save-every", "1", "--run-name", "twice", "--num-steps", "10")
     wait_for(lambda: bool(checkpoints.checkpoints(run)), proc)  # epoch 1's checkpoint is whole
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    wait_for(lambda: "SIGTERM: finishing this epoch" in (tmp_path / "stdout.txt").read_text(), proc, poll=0.01)
     proc.send_signal(signal.SIGTERM)
     stderr = finish()
     last = stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("stopped; the last checkpoint (epoch_") and "is kept" in last, stderr
     kept = checkpoints.latest_checkpoint(run).name
-    assert f"({kept})" in last and int(kept[-4:]) < 50
+    # at once: epoch 2, in which both signals came, neither finished (no line) nor saved
+    assert f"({kept})" in last and kept == "epoch_0001" and "epoch 2/50" not in (tmp_path / "stdout.txt").read_text()
 
 
 def test_a_run_with_a_truncated_weights_file_is_one_line_for_model_and_eval(tmp_path):
