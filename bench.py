@@ -129,7 +129,7 @@ def bench(name, path, opts):
     sampling_peak = peak_gib(cuda)
     reward_s, (r, _) = timed(lambda: ddpo.compute_rewards(reward_fn, args.reward, images, prompts), args.device)
     advantages = torch.linspace(-1, 1, len(r)) if len(r) > 1 else torch.ones(1)  # the cost does not depend on them
-    per_pass = sorted({int(k) for k in opts.timesteps_per_pass.split(",")})  # checked by counts()
+    per_pass = sorted(set(opts.timesteps_per_pass))
     train_s, train_peak = {k: [] for k in per_pass}, {}
     ddpo.train_round(models, optimizer, traj, advantages, r, dataclasses.replace(args, timesteps_per_pass=per_pass[0]), g(),
                      uncond)  # warm-up, not timed: the first backward allocates the gradients and the optimizer's state
@@ -222,10 +222,10 @@ def bench_processes(counts, opts):
 
 
 def counts(text):
-    """A comma-separated list of counts ≥ 1 (argparse's type: anything else is one line)."""
+    """A comma-separated list of counts ≥ 1, as ints (argparse's type: anything else is one line)."""
     if not all(k.strip().isdigit() and int(k) > 0 for k in text.split(",")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of counts ≥ 1, e.g. 1,10")
-    return text
+    return [int(k) for k in text.split(",")]
 
 
 def main():
@@ -246,7 +246,7 @@ def main():
     p.add_argument("--repeats", type=int, help="rollouts timed per loop (default 5); with several --timesteps-per-pass, "
                                                 "training rounds timed per k (default 3); with --rounds, runs of each "
                                                 "checkout (default 2); alternating, the fastest printed")
-    p.add_argument("--processes", help="comma-separated process counts, e.g. 1,2: time ddpo.py's epochs under torchrun "
+    p.add_argument("--processes", type=counts, help="comma-separated process counts, e.g. 1,2: time ddpo.py's epochs under torchrun "
                                        "instead of the models above")
     p.add_argument("--epochs", type=int, default=4, help="with --processes or --rounds: epochs per command (the first "
                                                           "is not timed)")
@@ -254,7 +254,7 @@ def main():
                                                           "checkout against --old-commit's, instead of the models above")
     p.add_argument("--old-commit", default=OLD_COMMIT, help="with --rounds: the commit to time against")
     opts = p.parse_args()
-    if {int(k) for k in opts.timesteps_per_pass.split(",")} != {1} and (opts.rounds or opts.processes):
+    if set(opts.timesteps_per_pass) != {1} and (opts.rounds or opts.processes):
         p.error("--timesteps-per-pass times one round of the models above: --rounds and --processes run ddpo.py's "
                 "defaults")
     model_checks.quiet_libraries()
@@ -263,7 +263,7 @@ def main():
     if opts.rounds:
         return bench_rounds(opts)
     if opts.processes:
-        return bench_processes([int(n) for n in opts.processes.split(",")], opts)
+        return bench_processes(opts.processes, opts)
     for name in opts.models.split(","):
         if name not in RANDOM_MODELS:
             bench(Path(name).name, name, opts)
