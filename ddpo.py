@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import rewards as rewards_lib
 from plumbing import command_line
-from plumbing.checkpoints import checkpoints, is_run, load_run_weights
+from plumbing.checkpoints import is_run, load_run_weights, stopped_at_once
 from plumbing.command_line import complete, describe
 from plumbing.files import RunError, fail
 from plumbing.model_checks import check_scheduler, downsampling, mismatched_components, quiet_libraries, resolution_problem
@@ -889,10 +889,7 @@ def main(argv=None):
         try:
             return train(args)
         except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM): stop now, keep the last checkpoint
-            run = Path(args.out_dir) / args.run_name
-            kept = checkpoints(run)
-            sys.exit(f"stopped; the last checkpoint ({kept[-1].name}) is kept: resume with --resume {run}" if kept
-                     else "stopped before the first checkpoint was written; nothing to resume")
+            sys.exit(stopped_at_once(Path(args.out_dir) / args.run_name))
         except RunError as e:  # before the first epoch (in an epoch, train() names it and the last checkpoint)
             fail(str(e))
     finally:

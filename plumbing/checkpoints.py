@@ -29,6 +29,13 @@ def checkpoints(run_dir):
     return sorted((Path(run_dir) / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9]"))
 
 
+def stopped_at_once(run_dir):
+    """The line a run stopped by a second Ctrl-C or SIGTERM ends with: its last whole checkpoint, if any, is kept."""
+    kept = checkpoints(run_dir)
+    return (f"stopped; the last checkpoint ({kept[-1].name}) is kept: resume with --resume {run_dir}" if kept
+            else "stopped before the first checkpoint was written; nothing to resume")
+
+
 def latest_checkpoint(run_dir):
     done = checkpoints(run_dir)
     if not done:

@@ -280,6 +280,17 @@ def test_resume_gives_the_same_metrics_as_training_straight(tmp_path, sd_dir, se
         assert straight[2]["losses/kl"] > 0 and "value/loss" in straight[2]
 
 
+def test_a_run_stopped_at_once_before_its_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    """A second Ctrl-C while the first checkpoint is being written: one line that says so, no half-written one."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(SystemExit, match=r"^stopped before the first checkpoint was written; nothing to resume$"):
+        ddpo.main([*SHORT_RUN, "--sample-batch-size", "4", "--out-dir", str(tmp_path), "--run-name", "r"])
+    assert checkpoints.checkpoints(tmp_path / "r") == [] and not (tmp_path / "r" / "checkpoints" / "epoch_0001.tmp").exists()
+
+
 def test_a_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path, monkeypatch):
     argv = ["--epochs", "1", "--num-steps", "2", "--samples-per-epoch", "4", "--samples-per-prompt", "4", "--sample-batch-size", "4",
             "--num-minibatches", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
